@@ -1,0 +1,127 @@
+"""The seam between the BeamLoRA algorithm and the training platform.
+
+The controller only ever asks for: the score logits or the per-rank sums of squares of all modules (one
+flat read), a snapshot of A, B and their optimizer moments, and in-place writes of whole rank rows of A,
+columns of B, score logits and moments. `TorchAccess` does this for a plain torch optimizer; the DeepSpeed
+implementation (partitioned, collective) lives in `zero_access.py` behind the same methods.
+
+"Moments" are all per-parameter optimizer state tensors shaped like the parameter (Adam's exp_avg and
+exp_avg_sq, AMSGrad's max_exp_avg_sq, SGD's momentum_buffer); scalars such as Adam's step are never touched.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+from .beam import ModuleReset
+from .layer import BeamLoRALinear
+
+
+class PlatformAccess:
+    """Interface every platform implements; all methods are called by every process in the same order."""
+
+    modules: List[BeamLoRALinear]
+
+    def score_logits(self) -> torch.Tensor:
+        """(modules, r) fp32 score logits of every module, identical on every process."""
+        raise NotImplementedError
+
+    def rank_sum_squares(self) -> tuple:
+        """((modules, r) sum of squares of each A row, (modules, r) of each B column), fp32, on every process."""
+        raise NotImplementedError
+
+    def snapshot(self) -> dict:
+        """This process's copy of A, B and their moments (only its own shard), on the host."""
+        raise NotImplementedError
+
+    def apply_reset(self, plans: Sequence[ModuleReset], new_logits: Dict[int, torch.Tensor], snapshot: dict,
+                    inherit_moments: bool) -> None:
+        """Refill targets from the snapshot's sources, write the new logits, optionally the moments."""
+        raise NotImplementedError
+
+    def zero_score_moments(self) -> None:
+        raise NotImplementedError
+
+    def all_processes_agree(self, checksum: float) -> bool:
+        """True when every process computed the same checksum (debug check against silent desync)."""
+        return True
+
+
+def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    """Accept wrappers that hold a torch optimizer in `.optimizer` (accelerate, HF)."""
+    seen = 0
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer") and seen < 8:
+        optimizer, seen = optimizer.optimizer, seen + 1
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"BeamController.step() got {type(optimizer).__name__}; pass the torch optimizer you call "
+                        "step() on, or the DeepSpeed engine.")
+    return optimizer
+
+
+class TorchAccess(PlatformAccess):
+    """Whole (unpartitioned) parameters and a plain torch optimizer in one process."""
+
+    def __init__(self, modules: Sequence[BeamLoRALinear], optimizer):
+        self.modules = list(modules)
+        self.optimizer = unwrap_optimizer(optimizer)
+        in_optimizer = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        missing = [name for m in self.modules for name, p in _adapter_params(m) if id(p) not in in_optimizer]
+        if missing:
+            raise ValueError(f"{len(missing)} BeamLoRA parameters are not in the optimizer (e.g. {missing[:3]}). "
+                             "Build the optimizer from the trainable parameters after beamlora_ds.apply(), e.g. "
+                             "AdamW(p for p in model.parameters() if p.requires_grad).")
+
+    def score_logits(self) -> torch.Tensor:
+        return torch.stack([m.lora_score.detach().float().cpu() for m in self.modules])
+
+    def rank_sum_squares(self) -> tuple:
+        a = torch.stack([m.lora_A.detach().float().pow(2).sum(dim=1).cpu() for m in self.modules])
+        b = torch.stack([m.lora_B.detach().float().pow(2).sum(dim=0).cpu() for m in self.modules])
+        return a, b
+
+    def _moments(self, p: torch.Tensor) -> Dict[str, torch.Tensor]:
+        state = self.optimizer.state.get(p, {})
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == p.shape}
+
+    def snapshot(self) -> dict:
+        def host(t):
+            return t.detach().to("cpu", copy=True)
+
+        return {"modules": [{"A": host(m.lora_A), "B": host(m.lora_B),
+                             "A_moments": {k: host(v) for k, v in self._moments(m.lora_A).items()},
+                             "B_moments": {k: host(v) for k, v in self._moments(m.lora_B).items()}}
+                            for m in self.modules]}
+
+    @torch.no_grad()
+    def apply_reset(self, plans, new_logits, snapshot, inherit_moments):
+        for plan in plans:
+            module, snap = self.modules[plan.module_index], snapshot["modules"][plan.module_index]
+            targets = torch.tensor(plan.targets, device=module.lora_A.device)
+            sources = torch.tensor(plan.sources)
+            _copy_rows(module.lora_A, targets, snap["A"][sources])
+            _copy_cols(module.lora_B, targets, snap["B"][:, sources])
+            if inherit_moments:  # a moment the snapshot lacks (no optimizer step before it) inherits zeros
+                for key, moment in self._moments(module.lora_A).items():
+                    _copy_rows(moment, targets, snap["A_moments"].get(key, torch.zeros_like(snap["A"]))[sources])
+                for key, moment in self._moments(module.lora_B).items():
+                    _copy_cols(moment, targets, snap["B_moments"].get(key, torch.zeros_like(snap["B"]))[:, sources])
+            module.lora_score.copy_(new_logits[plan.module_index].to(module.lora_score.dtype))
+
+    @torch.no_grad()
+    def zero_score_moments(self):
+        for module in self.modules:
+            for moment in self._moments(module.lora_score).values():
+                moment.zero_()
+
+
+def _copy_rows(dst: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    dst[rows] = values.to(device=dst.device, dtype=dst.dtype)
+
+
+def _copy_cols(dst: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
+    dst[:, cols] = values.to(device=dst.device, dtype=dst.dtype)
+
+
+def _adapter_params(module: BeamLoRALinear):
+    return [("lora_A", module.lora_A), ("lora_B", module.lora_B), ("lora_score", module.lora_score)]

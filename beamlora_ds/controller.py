@@ -1,0 +1,171 @@
+"""BeamController: counts optimizer steps, snapshots at T/2, prunes and refills at T, 2T, ... (BEAMLORA.md 3-4).
+
+It decides with the pure functions of `beam.py` and touches parameters and optimizer state only through a
+`PlatformAccess` (plain torch here, DeepSpeed ZeRO in `zero_access.py`), so the same controller drives a
+one-process loop and a partitioned multi-process engine.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, List, Optional
+
+import torch
+
+from . import beam
+from .access import PlatformAccess, TorchAccess
+from .config import BeamLoRAConfig
+from .layer import BeamLoRALinear
+
+logger = logging.getLogger("beamlora_ds")
+
+STATE_VERSION = 1
+# Fields that must match between a saved controller state and the run that loads it.
+_RESUME_FIELDS = ("r", "alpha", "tau", "interval", "p0", "t_end", "total_steps", "optimizer_state", "importance", "seed")
+
+
+class BeamController:
+    """Call `step(optimizer_or_engine)` once after every optimizer step; read `history` for the resets."""
+
+    def __init__(self, modules: Dict[str, BeamLoRALinear], config: BeamLoRAConfig):
+        if not modules:
+            raise ValueError("BeamController needs at least one BeamLoRALinear module")
+        self.config = config.validate()
+        self.module_names: List[str] = list(modules)
+        self.modules: List[BeamLoRALinear] = list(modules.values())
+        self.global_step = 0
+        self.history: List[dict] = []
+        self._snapshot: Optional[dict] = None
+        self._snapshot_step: Optional[int] = None
+        self._access: Optional[PlatformAccess] = None
+        self._access_owner: Optional[int] = None
+
+    # ------------------------------------------------------------------------------------------ stepping
+    def step(self, optimizer_or_engine) -> Optional[dict]:
+        """Advance one optimizer step; snapshot or reset when the schedule says. Returns the reset record, if any."""
+        access = self._access_for(optimizer_or_engine)
+        self.global_step += 1
+        t, cfg = self.global_step, self.config
+        record = None
+        if beam.is_snapshot_step(t, cfg.interval, cfg.total_steps):
+            self._snapshot, self._snapshot_step = access.snapshot(), t
+        if beam.is_reset_step(t, cfg.interval, cfg.total_steps):
+            record = self._reset(access, t)
+        return record
+
+    def next_events(self) -> dict:
+        """The steps of the next snapshot and the next reset (None when no more will happen)."""
+        cfg = self.config
+
+        def first(predicate):
+            return next((t for t in range(self.global_step + 1, cfg.total_steps + 1)
+                         if predicate(t, cfg.interval, cfg.total_steps)), None)
+
+        return {"snapshot": first(beam.is_snapshot_step), "reset": first(beam.is_reset_step)}
+
+    def _access_for(self, optimizer_or_engine) -> PlatformAccess:
+        if self._access is None or self._access_owner != id(optimizer_or_engine):
+            self._access = make_access(self.modules, optimizer_or_engine)
+            self._access_owner = id(optimizer_or_engine)
+        return self._access
+
+    def _importance(self, access: PlatformAccess, logits: torch.Tensor) -> torch.Tensor:
+        if self.config.importance == "score":
+            return beam.score_importance(logits, self.config.tau)
+        return beam.norm_importance(*access.rank_sum_squares())
+
+    def _reset(self, access: PlatformAccess, step: int) -> dict:
+        cfg = self.config
+        keep = beam.keep_fraction(step, cfg.p0, cfg.resolved_t_end)
+        logits = access.score_logits()
+        importance = self._importance(access, logits)
+        if not (torch.isfinite(importance).all() and torch.isfinite(logits).all()):
+            record = {"step": step, "keep_fraction": keep, "skipped": "non-finite score or importance",
+                      "pruned": [], "sources": []}
+            logger.warning("BeamLoRA reset at step %d skipped: non-finite scores or importances; training goes on", step)
+            self.history.append(record)
+            return record
+        if self._snapshot is None:
+            raise RuntimeError(f"BeamLoRA reset at step {step} has no snapshot (taken at step "
+                               f"{step - cfg.interval // 2}). If you resumed, load the controller's state_dict too.")
+        plans = beam.plan_reset(importance, keep, cfg.seed, step)
+        if cfg.check_consistency and not access.all_processes_agree(_plan_checksum(plans, importance)):
+            raise RuntimeError(f"BeamLoRA reset at step {step}: processes disagree on the reset decision "
+                               "(different scores or plans on different ranks); refusing to apply it.")
+        new_logits = {p.module_index: beam.average_scores(logits[p.module_index], p.targets, p.sources) for p in plans}
+        access.apply_reset(plans, new_logits, self._snapshot, inherit_moments=cfg.optimizer_state == "inherit")
+        access.zero_score_moments()
+        self._snapshot, self._snapshot_step = None, None  # free host memory until the next snapshot
+        record = self._record(step, keep, plans, importance, new_logits, access)
+        self.history.append(record)
+        logger.info("BeamLoRA reset at step %d: keep-fraction %.4f, %d ranks pruned in %d of %d modules",
+                    step, keep, len(record["pruned"]), len(plans), len(self.modules))
+        return record
+
+    def _record(self, step, keep, plans, importance, new_logits, access) -> dict:
+        if self.config.importance == "norm":  # A and B changed: read them again
+            importance_after = beam.norm_importance(*access.rank_sum_squares())
+        else:  # the new logits are known here: no second read
+            importance_after = importance.clone()
+            for m, row in new_logits.items():
+                importance_after[m] = beam.score_importance(row[None], self.config.tau)[0]
+        names = self.module_names
+        return {
+            "step": step,
+            "keep_fraction": keep,
+            "pruned": [(names[p.module_index], j) for p in plans for j in p.targets],
+            "sources": [(names[p.module_index], j, s) for p in plans for j, s in zip(p.targets, p.sources)],
+            "importance_before": {names[p.module_index]: importance[p.module_index].tolist() for p in plans},
+            "importance_after": {names[p.module_index]: importance_after[p.module_index].tolist() for p in plans},
+        }
+
+    # -------------------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: step, snapshot (this process's shard), history, config.
+
+        Reset randomness needs no RNG state: every permutation is drawn from a generator seeded by
+        (seed, step, module index), so it is the same after a resume by construction.
+        """
+        return {"version": STATE_VERSION, "global_step": self.global_step, "config": self.config.to_dict(),
+                "module_names": list(self.module_names), "snapshot": self._snapshot,
+                "snapshot_step": self._snapshot_step, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"BeamLoRA state version {state.get('version')!r} is not {STATE_VERSION}; it was written "
+                             "by an incompatible beamlora_ds.")
+        saved, current = state["config"], self.config.to_dict()
+        changed = [f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in _RESUME_FIELDS if saved.get(k) != current[k]]
+        if changed:
+            raise ValueError("Cannot resume: the BeamLoRA config differs from the checkpoint's (" + "; ".join(changed)
+                             + "). Resume with the original settings or start a new run.")
+        if list(state["module_names"]) != self.module_names:
+            raise ValueError(f"Cannot resume: the checkpoint has {len(state['module_names'])} BeamLoRA modules, this "
+                             f"model has {len(self.module_names)} (or different names). Use the same target_modules.")
+        self.global_step = int(state["global_step"])
+        self._snapshot = state["snapshot"]
+        self._snapshot_step = state["snapshot_step"]
+        self.history = list(state["history"])
+
+
+def make_access(modules, optimizer_or_engine) -> PlatformAccess:
+    """The platform seam for whatever the user steps: a DeepSpeed engine or a torch optimizer."""
+    if _is_deepspeed_engine(optimizer_or_engine):
+        from .zero_access import ZeroAccess
+
+        return ZeroAccess(modules, optimizer_or_engine)
+    return TorchAccess(modules, optimizer_or_engine)
+
+
+def _is_deepspeed_engine(obj) -> bool:
+    return any(cls.__name__ == "DeepSpeedEngine" for cls in type(obj).__mro__)
+
+
+def _plan_checksum(plans, importance: torch.Tensor) -> float:
+    """A number that differs, with overwhelming probability, when two processes planned differently."""
+    total = float(importance.double().mul(torch.arange(1, importance.numel() + 1, dtype=torch.float64)
+                                          .view_as(importance)).sum())
+    for p in plans:
+        for i, (j, s) in enumerate(zip(p.targets, p.sources)):
+            total += math.sin(1.0 + p.module_index * 1009 + j * 31 + s * 7 + i)
+    return total

@@ -1,0 +1,79 @@
+"""BeamLoRALinear: a frozen base linear layer plus a beam of r scored rank-1 sub-solutions.
+
+    y = W0 x + (alpha / r) * B (w * (A dropout(x))),   w = r * softmax(score / tau)
+
+With score = 0 every w_i = 1 and the layer is exactly vanilla LoRA (BEAMLORA.md section 1).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rank_weights(score: torch.Tensor, tau: float) -> torch.Tensor:
+    """w = r * softmax(score / tau), always in fp32 so bf16 training cannot distort the ranking."""
+    return score.shape[-1] * torch.softmax(score.float() / tau, dim=-1)
+
+
+def _base_features(base_layer: nn.Module) -> tuple:
+    try:
+        return int(base_layer.in_features), int(base_layer.out_features)
+    except AttributeError:
+        raise TypeError(f"{type(base_layer).__name__} has no in_features/out_features; BeamLoRALinear wraps "
+                        "nn.Linear-like layers only") from None
+
+
+def _adapter_dtype(base_layer: nn.Module) -> torch.dtype:
+    """The dtype the adapter is created in: the base weight's, unless that is not floating (4-bit storage)."""
+    weight = getattr(base_layer, "weight", None)
+    if weight is not None and weight.dtype.is_floating_point:
+        return weight.dtype
+    return torch.float32
+
+
+class BeamLoRALinear(nn.Module):
+    """Wraps `base_layer` (kept frozen) with trainable `lora_A` (r x in), `lora_B` (out x r), `lora_score` (r)."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, tau: float = 0.05):
+        super().__init__()
+        in_features, out_features = _base_features(base_layer)
+        if r > min(in_features, out_features):
+            raise ValueError(f"r={r} exceeds min(in_features={in_features}, out_features={out_features}) of this "
+                             "layer: a rank above that adds parameters but no capacity. Lower r.")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.tau = r, alpha, tau
+        self.scaling = alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        base_weight = getattr(base_layer, "weight", None)
+        factory = dict(dtype=_adapter_dtype(base_layer),
+                       device=base_weight.device if base_weight is not None else None)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
+        self.lora_score = nn.Parameter(torch.zeros(r, **factory))
+        self.reset_adapter_parameters()
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+
+    def reset_adapter_parameters(self) -> None:
+        """A as nn.Linear's default init (kaiming-uniform, a=sqrt(5)), B = 0, score = 0: vanilla LoRA at step 0."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        nn.init.zeros_(self.lora_score)
+
+    def rank_weights(self) -> torch.Tensor:
+        return rank_weights(self.lora_score, self.tau)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)
+        h = h * self.rank_weights().to(h.dtype)
+        delta = F.linear(h, self.lora_B) * self.scaling
+        return result + delta.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, tau={self.tau}")

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install beamlora_ds and its test tools into the current Python without ever pulling a CUDA torch by accident:
+# an installed torch is kept as it is; with none, the CPU wheel torch==2.13.0 is installed first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! torch_version=$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null); then
+  "$PY" -m pip install -q torch==2.13.0
+  torch_version=2.13.0
+fi
+pins=$(mktemp)
+trap 'rm -f "$pins"' EXIT
+{ cat constraints.txt; echo "torch==$torch_version"; } > "$pins"
+"$PY" -m pip install -q -c "$pins" -e ".[test]"
+# DeepSpeed JIT-compiles its CPU shared-memory comm op on first use (~30 s); do it once here, not inside a test.
+"$PY" - <<'PYEOF' >/dev/null 2>&1 || echo "note: DeepSpeed comm op prebuild skipped"
+from deepspeed.accelerator import get_accelerator
+get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+PYEOF

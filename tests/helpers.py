@@ -1,0 +1,41 @@
+"""Small models and loops the tests share (no downloads: everything is built from configs)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = 64):
+    """A real transformers LlamaForCausalLM, small enough to train in a second on a CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+class TwoLayerNet(nn.Module):
+    """A regression net whose linear layers carry Llama-like names, so default target_modules match."""
+
+    def __init__(self, d_in: int = 12, d_hidden: int = 16, d_out: int = 8):
+        super().__init__()
+        self.q_proj = nn.Linear(d_in, d_hidden)
+        self.act = nn.Tanh()
+        self.down_proj = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.q_proj(x)))
+
+
+def regression_batches(steps: int, seed: int = 0, batch: int = 16, model_seed: int = 0):
+    """A task LoRA can learn: fit a teacher that is the (seeded) TwoLayerNet plus rank-2 weight changes."""
+    torch.manual_seed(model_seed)
+    teacher = TwoLayerNet()
+    g = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for layer in (teacher.q_proj, teacher.down_proj):
+            out_f, in_f = layer.weight.shape
+            layer.weight += torch.randn(out_f, 2, generator=g) @ torch.randn(2, in_f, generator=g) / 2
+        xs = [torch.randn(batch, teacher.q_proj.in_features, generator=g) for _ in range(steps)]
+        return [(x, teacher(x)) for x in xs]
