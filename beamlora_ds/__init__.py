@@ -1,9 +1,10 @@
 """BeamLoRA for DeepSpeed-scale fine-tuning: adaptive-rank LoRA that prunes weak ranks and refills them."""
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import BeamLoRAConfig, ConfigError
 from .controller import BeamController
 from .inject import apply, find_beamlora_modules, optimizer_param_groups
 from .layer import BeamLoRALinear
 
 __all__ = ["BeamLoRAConfig", "ConfigError", "BeamController", "BeamLoRALinear", "apply", "find_beamlora_modules",
-           "optimizer_param_groups"]
+           "optimizer_param_groups", "save_checkpoint", "load_checkpoint"]
 __version__ = "0.1.0"

@@ -10,7 +10,8 @@ exp_avg_sq, AMSGrad's max_exp_avg_sq, SGD's momentum_buffer); scalars such as Ad
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -18,17 +19,22 @@ from .beam import ModuleReset
 from .layer import BeamLoRALinear
 
 
+@dataclass
+class RankStats:
+    """(modules, r) fp32 tensors: score logits; sum of squares of each A row and each B column (or None)."""
+
+    logits: torch.Tensor
+    a_row_sq: Optional[torch.Tensor] = None
+    b_col_sq: Optional[torch.Tensor] = None
+
+
 class PlatformAccess:
     """Interface every platform implements; all methods are called by every process in the same order."""
 
     modules: List[BeamLoRALinear]
 
-    def score_logits(self) -> torch.Tensor:
-        """(modules, r) fp32 score logits of every module, identical on every process."""
-        raise NotImplementedError
-
-    def rank_sum_squares(self) -> tuple:
-        """((modules, r) sum of squares of each A row, (modules, r) of each B column), fp32, on every process."""
+    def rank_stats(self, with_norms: bool) -> RankStats:
+        """Score logits (and, if asked, per-rank sums of squares) of every module, identical on every process."""
         raise NotImplementedError
 
     def snapshot(self) -> dict:
@@ -72,13 +78,12 @@ class TorchAccess(PlatformAccess):
                              "Build the optimizer from the trainable parameters after beamlora_ds.apply(), e.g. "
                              "AdamW(p for p in model.parameters() if p.requires_grad).")
 
-    def score_logits(self) -> torch.Tensor:
-        return torch.stack([m.lora_score.detach().float().cpu() for m in self.modules])
-
-    def rank_sum_squares(self) -> tuple:
-        a = torch.stack([m.lora_A.detach().float().pow(2).sum(dim=1).cpu() for m in self.modules])
-        b = torch.stack([m.lora_B.detach().float().pow(2).sum(dim=0).cpu() for m in self.modules])
-        return a, b
+    def rank_stats(self, with_norms: bool) -> RankStats:
+        stats = RankStats(torch.stack([m.lora_score.detach().float().cpu() for m in self.modules]))
+        if with_norms:
+            stats.a_row_sq = torch.stack([m.lora_A.detach().float().pow(2).sum(dim=1).cpu() for m in self.modules])
+            stats.b_col_sq = torch.stack([m.lora_B.detach().float().pow(2).sum(dim=0).cpu() for m in self.modules])
+        return stats
 
     def _moments(self, p: torch.Tensor) -> Dict[str, torch.Tensor]:
         state = self.optimizer.state.get(p, {})

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import beam
-from .access import PlatformAccess, TorchAccess
+from .access import PlatformAccess, RankStats, TorchAccess
 from .config import BeamLoRAConfig
 from .layer import BeamLoRALinear
 
@@ -42,7 +42,13 @@ class BeamController:
 
     # ------------------------------------------------------------------------------------------ stepping
     def step(self, optimizer_or_engine) -> Optional[dict]:
-        """Advance one optimizer step; snapshot or reset when the schedule says. Returns the reset record, if any."""
+        """Advance one optimizer step; snapshot or reset when the schedule says. Returns the reset record, if any.
+
+        With a DeepSpeed engine, call it after every `engine.step()`: calls that did not update the weights
+        (between gradient-accumulation boundaries, or an fp16 overflow) are ignored.
+        """
+        if _is_deepspeed_engine(optimizer_or_engine) and not optimizer_or_engine.was_step_applied():
+            return None  # a micro-step inside gradient accumulation, or an fp16 overflow: no optimizer step
         access = self._access_for(optimizer_or_engine)
         self.global_step += 1
         t, cfg = self.global_step, self.config
@@ -69,16 +75,16 @@ class BeamController:
             self._access_owner = id(optimizer_or_engine)
         return self._access
 
-    def _importance(self, access: PlatformAccess, logits: torch.Tensor) -> torch.Tensor:
+    def _importance(self, stats: RankStats) -> torch.Tensor:
         if self.config.importance == "score":
-            return beam.score_importance(logits, self.config.tau)
-        return beam.norm_importance(*access.rank_sum_squares())
+            return beam.score_importance(stats.logits, self.config.tau)
+        return beam.norm_importance(stats.a_row_sq, stats.b_col_sq)
 
     def _reset(self, access: PlatformAccess, step: int) -> dict:
         cfg = self.config
         keep = beam.keep_fraction(step, cfg.p0, cfg.resolved_t_end)
-        logits = access.score_logits()
-        importance = self._importance(access, logits)
+        stats = access.rank_stats(with_norms=cfg.importance == "norm")
+        logits, importance = stats.logits, self._importance(stats)
         if not (torch.isfinite(importance).all() and torch.isfinite(logits).all()):
             record = {"step": step, "keep_fraction": keep, "skipped": "non-finite score or importance",
                       "pruned": [], "sources": []}
@@ -104,7 +110,7 @@ class BeamController:
 
     def _record(self, step, keep, plans, importance, new_logits, access) -> dict:
         if self.config.importance == "norm":  # A and B changed: read them again
-            importance_after = beam.norm_importance(*access.rank_sum_squares())
+            importance_after = self._importance(access.rank_stats(with_norms=True))
         else:  # the new logits are known here: no second read
             importance_after = importance.clone()
             for m, row in new_logits.items():
@@ -150,11 +156,17 @@ class BeamController:
 
 def make_access(modules, optimizer_or_engine) -> PlatformAccess:
     """The platform seam for whatever the user steps: a DeepSpeed engine or a torch optimizer."""
-    if _is_deepspeed_engine(optimizer_or_engine):
+    if not _is_deepspeed_engine(optimizer_or_engine):
+        return TorchAccess(modules, optimizer_or_engine)
+    engine = optimizer_or_engine
+    if engine.zero_optimization_stage() > 0:
         from .zero_access import ZeroAccess
 
-        return ZeroAccess(modules, optimizer_or_engine)
-    return TorchAccess(modules, optimizer_or_engine)
+        return ZeroAccess(modules, engine)
+    if engine.bfloat16_enabled() or engine.fp16_enabled():
+        raise ValueError("BeamLoRA cannot edit DeepSpeed's private fp32 copies under ZeRO stage 0 with bf16/fp16. "
+                         "Use ZeRO stage 1, 2 or 3 (set zero_optimization.stage), or train in fp32 with stage 0.")
+    return TorchAccess(modules, engine.optimizer)  # stage 0, fp32: whole params, a plain optimizer per process
 
 
 def _is_deepspeed_engine(obj) -> bool:

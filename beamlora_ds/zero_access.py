@@ -1,0 +1,265 @@
+"""The platform seam for DeepSpeed ZeRO stages 1-3: partition-aware, collective, shard-local writes.
+
+Under ZeRO every process owns one contiguous fragment of each parameter's flattened fp32 master and of its
+Adam moments (stage 1/2: `param._hp_mapping`; stage 3: the param's partition). The working copy is whole on
+every process (stage 1/2, and ZeRO-3 persistent params) and/or a local partition (stage 3 `ds_tensor`).
+
+A reset costs two all-reduces in all: one flat vector of every module's score logits (and per-rank sums of
+squares for the norm criterion), each process filling the slices it owns; and one flat buffer that rebuilds the
+snapshot's A/B/moments of the touched modules from the shards every process kept. Each process then writes
+only the positions of its own fragments (master, moments) and of its working copy. A snapshot is a local copy
+of each process's own fragments: no communication, host memory = 3 x adapter size / world size (fp32).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .access import PlatformAccess, RankStats
+from .beam import ModuleReset
+from .layer import BeamLoRALinear
+
+
+class _Fragment:
+    """This process's slice [start, start + numel) of one parameter's flat fp32 master and moments."""
+
+    start: int
+    numel: int
+
+    def read(self, key: Optional[str] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def write(self, positions: torch.Tensor, values: torch.Tensor, key: Optional[str] = None) -> None:
+        raise NotImplementedError
+
+    def write_working_copy(self, positions: torch.Tensor, values: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def local(self, positions: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of the flat positions that fall inside this fragment."""
+        return (positions >= self.start) & (positions < self.start + self.numel)
+
+
+class _Stage12Fragment(_Fragment):
+    def __init__(self, param: torch.nn.Parameter):
+        self.param, self.mapping = param, getattr(param, "_hp_mapping", None)
+        address = self.mapping.lp_fragment_address if self.mapping is not None else None
+        self.start, self.numel = (address.start, address.numel) if address is not None else (0, 0)
+
+    def _hp(self, key):
+        return self.mapping.get_hp_fragment(key).view(-1)
+
+    def read(self, key=None):
+        if self.numel == 0:
+            return torch.zeros(0)
+        return self._hp(key).detach().float().cpu().clone()
+
+    def write(self, positions, values, key=None):
+        mask = self.local(positions)
+        if self.numel and mask.any():
+            hp = self._hp(key)
+            hp[(positions[mask] - self.start).to(hp.device)] = values[mask].to(hp.device, hp.dtype)
+
+    def write_working_copy(self, positions, values):
+        data = self.param.data.view(-1)  # whole on every process under stage 1/2
+        data[positions.to(data.device)] = values.to(data.device, data.dtype)
+
+
+class _Stage3Fragment(_Fragment):
+    def __init__(self, param: torch.nn.Parameter):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state  # noqa: F401
+
+        self.param = param
+        self.partition_numel = param.ds_tensor.ds_numel
+        rank = param._z3_optimizer._get_param_partition_rank(param)
+        self.start = self.partition_numel * rank
+        self.numel = max(0, min(self.partition_numel, param.ds_numel - self.start))  # the last one is padded
+
+    def _get_local(self, key):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        local = safe_get_local_fp32_param(self.param) if key is None else \
+            safe_get_local_optimizer_state(self.param, key)
+        return local.detach().view(-1)
+
+    def read(self, key=None):
+        return self._get_local(key)[: self.numel].float().cpu().clone()
+
+    def write(self, positions, values, key=None):
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+        mask = self.local(positions)
+        if not mask.any():
+            return
+        local = self._get_local(key).clone()
+        local[(positions[mask] - self.start).to(local.device)] = values[mask].to(local.device, local.dtype)
+        if key is None:
+            safe_set_local_fp32_param(self.param, local)
+        else:
+            safe_set_local_optimizer_state(self.param, local, key)
+
+    def write_working_copy(self, positions, values):
+        mask = self.local(positions)
+        if mask.any():
+            shard = self.param.ds_tensor.data.view(-1)
+            shard[(positions[mask] - self.start).to(shard.device)] = values[mask].to(shard.device, shard.dtype)
+        if self.param.data.numel() == self.param.ds_numel:  # gathered (persistent): the whole copy is live too
+            data = self.param.data.view(-1)
+            data[positions.to(data.device)] = values.to(data.device, data.dtype)
+
+
+class ZeroAccess(PlatformAccess):
+    """BeamLoRA's reads and writes on a `deepspeed.DeepSpeedEngine` under ZeRO stage 1, 2 or 3."""
+
+    def __init__(self, modules: Sequence[BeamLoRALinear], engine):
+        import deepspeed.comm as dist
+
+        self.dist = dist
+        self.modules = list(modules)
+        self.engine = engine
+        self.stage = engine.zero_optimization_stage()
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"ZeroAccess handles ZeRO stages 1-3, not {self.stage}")
+        self.optimizer = engine.optimizer
+        self.group = getattr(self.optimizer, "dp_process_group", None) or engine.data_parallel_group
+        self._fragment_type = _Stage3Fragment if self.stage == 3 else _Stage12Fragment
+        for m in self.modules:
+            for name in ("lora_A", "lora_B", "lora_score"):
+                if not getattr(m, name).requires_grad:
+                    raise ValueError(f"{name} has requires_grad=False: DeepSpeed keeps no fp32 master for it, "
+                                     "so BeamLoRA cannot edit it. Do not freeze adapter parameters.")
+
+    # ------------------------------------------------------------------------------------------- helpers
+    @property
+    def fragments(self) -> List[Dict[str, _Fragment]]:
+        """Built fresh on each use: load_checkpoint may replace DeepSpeed's fragment mappings."""
+        self._relink_stage12_moments()
+        return [{name: self._fragment_type(getattr(m, name)) for name in ("lora_A", "lora_B", "lora_score")}
+                for m in self.modules]
+
+    def _relink_stage12_moments(self) -> None:
+        """After load_checkpoint, stage 1/2 loses the param -> moment links; rebuild them (local, cheap)."""
+        if self.stage in (1, 2) and hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            self.optimizer._hp_optimizer_states_linked = False
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def moment_keys(self) -> List[str]:
+        """Optimizer state entries shaped like their (flat) parameter: exp_avg, exp_avg_sq, ..."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        for flat, state in inner.state.items():
+            return sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape)
+        return []
+
+    def _all_reduce(self, buffer: torch.Tensor) -> torch.Tensor:
+        device = self.modules[0].lora_score.device
+        on_device = buffer.to(device)
+        self.dist.all_reduce(on_device, group=self.group)
+        return on_device.cpu()
+
+    def _shape(self, module: BeamLoRALinear, name: str) -> torch.Size:
+        return getattr(module, name).ds_shape if self.stage == 3 else getattr(module, name).shape
+
+    # --------------------------------------------------------------------------------------------- reads
+    def rank_stats(self, with_norms: bool) -> RankStats:
+        n, r = len(self.modules), self.modules[0].r
+        buffer = torch.zeros(3 if with_norms else 1, n, r, dtype=torch.float32)
+        for m, (module, frags) in enumerate(zip(self.modules, self.fragments)):
+            score = frags["lora_score"]
+            if score.numel:
+                buffer[0, m, score.start: score.start + score.numel] = score.read()
+            if with_norms:
+                for slot, name in ((1, "lora_A"), (2, "lora_B")):
+                    frag = frags[name]
+                    if frag.numel:
+                        positions = torch.arange(frag.start, frag.start + frag.numel)
+                        rank = positions // module.in_features if name == "lora_A" else positions % module.r
+                        buffer[slot, m].index_add_(0, rank, frag.read().pow(2))
+        buffer = self._all_reduce(buffer)
+        if with_norms:
+            return RankStats(buffer[0], buffer[1], buffer[2])
+        return RankStats(buffer[0])
+
+    def snapshot(self) -> dict:
+        keys = self.moment_keys()
+        return {"moment_keys": keys, "world_size": self.dist.get_world_size(group=self.group),
+                "modules": [{name: {"start": frags[name].start, "numel": frags[name].numel,
+                                    "master": frags[name].read(),
+                                    "moments": {k: frags[name].read(k) for k in keys}}
+                             for name in ("lora_A", "lora_B")} for frags in self.fragments]}
+
+    def _restore_full(self, snapshot: dict, plans: Sequence[ModuleReset]) -> Dict[int, Dict[str, torch.Tensor]]:
+        """Rebuild whole snapshot tensors of the touched modules from every process's shard: one all-reduce."""
+        keys = [None] + list(snapshot["moment_keys"])
+        layout, total = [], 0
+        for plan in plans:
+            module = self.modules[plan.module_index]
+            for name in ("lora_A", "lora_B"):
+                numel = getattr(module, name).ds_numel if self.stage == 3 else getattr(module, name).numel()
+                for key in keys:
+                    layout.append((plan.module_index, name, key, total, numel))
+                    total += numel
+        buffer = torch.zeros(total, dtype=torch.float32)
+        for m, name, key, offset, numel in layout:
+            shard = snapshot["modules"][m][name]
+            values = shard["master"] if key is None else shard["moments"][key]
+            buffer[offset + shard["start"]: offset + shard["start"] + shard["numel"]] = values
+        buffer = self._all_reduce(buffer)
+        full: Dict[int, Dict[str, torch.Tensor]] = {}
+        for m, name, key, offset, numel in layout:
+            label = name if key is None else f"{name}.{key}"
+            full.setdefault(m, {})[label] = buffer[offset: offset + numel].view(self._shape(self.modules[m], name))
+        return full
+
+    # -------------------------------------------------------------------------------------------- writes
+    @torch.no_grad()
+    def apply_reset(self, plans, new_logits, snapshot, inherit_moments):
+        if snapshot.get("world_size") != self.dist.get_world_size(group=self.group):
+            raise RuntimeError("The BeamLoRA snapshot was taken with a different number of processes; it holds "
+                               "per-process shards. Resume with the same world size, or from a checkpoint taken "
+                               "outside the snapshot-to-reset window.")
+        keys = list(snapshot["moment_keys"]) if inherit_moments else []
+        full = self._restore_full(snapshot, plans) if plans else {}
+        fragments = self.fragments
+        for plan in plans:
+            module, frags, snap = self.modules[plan.module_index], fragments[plan.module_index], full[plan.module_index]
+            targets, sources = torch.tensor(plan.targets), torch.tensor(plan.sources)
+            a_pos = _row_positions(targets, module.in_features)
+            b_pos = _col_positions(targets, module.out_features, module.r)
+            a_val = snap["lora_A"][sources].reshape(-1)
+            b_val = snap["lora_B"][:, sources].reshape(-1)
+            for frag, pos, val in ((frags["lora_A"], a_pos, a_val), (frags["lora_B"], b_pos, b_val)):
+                frag.write(pos, val)
+                frag.write_working_copy(pos, val)
+            for key in keys:
+                frags["lora_A"].write(a_pos, snap[f"lora_A.{key}"][sources].reshape(-1), key)
+                frags["lora_B"].write(b_pos, snap[f"lora_B.{key}"][:, sources].reshape(-1), key)
+            score_pos = torch.arange(module.r)
+            frags["lora_score"].write(score_pos, new_logits[plan.module_index])
+            frags["lora_score"].write_working_copy(score_pos, new_logits[plan.module_index])
+
+    @torch.no_grad()
+    def zero_score_moments(self):
+        keys = self.moment_keys()
+        for module, frags in zip(self.modules, self.fragments):
+            positions = torch.arange(module.r)
+            for key in keys:
+                frags["lora_score"].write(positions, torch.zeros(module.r), key)
+
+    def all_processes_agree(self, checksum: float) -> bool:
+        values = torch.tensor([checksum, -checksum], dtype=torch.float64)
+        device = self.modules[0].lora_score.device
+        highest = values.to(device)
+        self.dist.all_reduce(highest, op=self.dist.ReduceOp.MAX, group=self.group)
+        highest = highest.cpu()
+        return bool(highest[0] == checksum and -highest[1] == checksum)
+
+
+def _row_positions(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """Flat positions of whole rows of a (r x width) row-major tensor, row by row."""
+    return (rows[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+
+
+def _col_positions(cols: torch.Tensor, height: int, r: int) -> torch.Tensor:
+    """Flat positions of whole columns of a (height x r) row-major tensor, in the order B[:, cols].reshape(-1)."""
+    return (torch.arange(height)[:, None] * r + cols[None, :]).reshape(-1)
