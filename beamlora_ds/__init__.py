@@ -4,7 +4,8 @@ from .config import BeamLoRAConfig, ConfigError
 from .controller import BeamController
 from .inject import apply, find_beamlora_modules, optimizer_param_groups
 from .layer import BeamLoRALinear
+from .zero_access import persistence_threshold_for
 
 __all__ = ["BeamLoRAConfig", "ConfigError", "BeamController", "BeamLoRALinear", "apply", "find_beamlora_modules",
-           "optimizer_param_groups", "save_checkpoint", "load_checkpoint"]
+           "optimizer_param_groups", "save_checkpoint", "load_checkpoint", "persistence_threshold_for"]
 __version__ = "0.1.0"

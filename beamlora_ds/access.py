@@ -32,6 +32,7 @@ class PlatformAccess:
     """Interface every platform implements; all methods are called by every process in the same order."""
 
     modules: List[BeamLoRALinear]
+    all_reduce_bytes: int = 0  # bytes this process has all-reduced so far (0 where there is no communication)
 
     def rank_stats(self, with_norms: bool) -> RankStats:
         """Score logits (and, if asked, per-rank sums of squares) of every module, identical on every process."""

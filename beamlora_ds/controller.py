@@ -82,6 +82,7 @@ class BeamController:
 
     def _reset(self, access: PlatformAccess, step: int) -> dict:
         cfg = self.config
+        bytes_before = access.all_reduce_bytes
         keep = beam.keep_fraction(step, cfg.p0, cfg.resolved_t_end)
         stats = access.rank_stats(with_norms=cfg.importance == "norm")
         logits, importance = stats.logits, self._importance(stats)
@@ -103,6 +104,7 @@ class BeamController:
         access.zero_score_moments()
         self._snapshot, self._snapshot_step = None, None  # free host memory until the next snapshot
         record = self._record(step, keep, plans, importance, new_logits, access)
+        record["all_reduce_bytes"] = access.all_reduce_bytes - bytes_before
         self.history.append(record)
         logger.info("BeamLoRA reset at step %d: keep-fraction %.4f, %d ranks pruned in %d of %d modules",
                     step, keep, len(record["pruned"]), len(plans), len(self.modules))

@@ -5,13 +5,14 @@ Adam moments (stage 1/2: `param._hp_mapping`; stage 3: the param's partition). T
 every process (stage 1/2, and ZeRO-3 persistent params) and/or a local partition (stage 3 `ds_tensor`).
 
 A reset costs two all-reduces in all: one flat vector of every module's score logits (and per-rank sums of
-squares for the norm criterion), each process filling the slices it owns; and one flat buffer that rebuilds the
-snapshot's A/B/moments of the touched modules from the shards every process kept. Each process then writes
+squares for the norm criterion), each process filling the slices it owns; and one flat buffer that rebuilds,
+from the shards every process kept, only the snapshot's source rows of A and columns of B (and their moments). Each process then writes
 only the positions of its own fragments (master, moments) and of its working copy. A snapshot is a local copy
 of each process's own fragments: no communication, host memory = 3 x adapter size / world size (fp32).
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -19,6 +20,8 @@ import torch
 from .access import PlatformAccess, RankStats
 from .beam import ModuleReset
 from .layer import BeamLoRALinear
+
+logger = logging.getLogger("beamlora_ds")
 
 
 class _Fragment:
@@ -124,6 +127,9 @@ class ZeroAccess(PlatformAccess):
         self.optimizer = engine.optimizer
         self.group = getattr(self.optimizer, "dp_process_group", None) or engine.data_parallel_group
         self._fragment_type = _Stage3Fragment if self.stage == 3 else _Stage12Fragment
+        self.all_reduce_bytes = 0
+        if self.stage == 3:
+            warn_if_adapters_not_persistent(self.modules, engine)
         for m in self.modules:
             for name in ("lora_A", "lora_B", "lora_score"):
                 if not getattr(m, name).requires_grad:
@@ -151,10 +157,13 @@ class ZeroAccess(PlatformAccess):
             return sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape)
         return []
 
-    def _all_reduce(self, buffer: torch.Tensor) -> torch.Tensor:
-        device = self.modules[0].lora_score.device
-        on_device = buffer.to(device)
-        self.dist.all_reduce(on_device, group=self.group)
+    def _all_reduce(self, buffer: torch.Tensor, op=None) -> torch.Tensor:
+        on_device = buffer.to(self.modules[0].lora_score.device)
+        if op is None:
+            self.dist.all_reduce(on_device, group=self.group)
+        else:
+            self.dist.all_reduce(on_device, op=op, group=self.group)
+        self.all_reduce_bytes += on_device.numel() * on_device.element_size()
         return on_device.cpu()
 
     def _shape(self, module: BeamLoRALinear, name: str) -> torch.Size:
@@ -188,28 +197,27 @@ class ZeroAccess(PlatformAccess):
                                     "moments": {k: frags[name].read(k) for k in keys}}
                              for name in ("lora_A", "lora_B")} for frags in self.fragments]}
 
-    def _restore_full(self, snapshot: dict, plans: Sequence[ModuleReset]) -> Dict[int, Dict[str, torch.Tensor]]:
-        """Rebuild whole snapshot tensors of the touched modules from every process's shard: one all-reduce."""
-        keys = [None] + list(snapshot["moment_keys"])
+    def _gather_source_values(self, snapshot: dict, plans: Sequence[ModuleReset], keys: Sequence[Optional[str]]
+                              ) -> Dict[tuple, torch.Tensor]:
+        """The snapshot's source rows of A and columns of B (master and moments), rebuilt from every process's
+        shard with one all-reduce. Values come out in the order of the target positions they will be written to.
+        """
         layout, total = [], 0
         for plan in plans:
-            module = self.modules[plan.module_index]
-            for name in ("lora_A", "lora_B"):
-                numel = getattr(module, name).ds_numel if self.stage == 3 else getattr(module, name).numel()
+            module, sources = self.modules[plan.module_index], torch.tensor(plan.sources)
+            for name, positions in (("lora_A", _row_positions(sources, module.in_features)),
+                                    ("lora_B", _col_positions(sources, module.out_features, module.r))):
                 for key in keys:
-                    layout.append((plan.module_index, name, key, total, numel))
-                    total += numel
+                    layout.append((plan.module_index, name, key, positions, total))
+                    total += positions.numel()
         buffer = torch.zeros(total, dtype=torch.float32)
-        for m, name, key, offset, numel in layout:
+        for m, name, key, positions, offset in layout:
             shard = snapshot["modules"][m][name]
+            mine = ((positions >= shard["start"]) & (positions < shard["start"] + shard["numel"])).nonzero().flatten()
             values = shard["master"] if key is None else shard["moments"][key]
-            buffer[offset + shard["start"]: offset + shard["start"] + shard["numel"]] = values
+            buffer[offset + mine] = values[positions[mine] - shard["start"]]
         buffer = self._all_reduce(buffer)
-        full: Dict[int, Dict[str, torch.Tensor]] = {}
-        for m, name, key, offset, numel in layout:
-            label = name if key is None else f"{name}.{key}"
-            full.setdefault(m, {})[label] = buffer[offset: offset + numel].view(self._shape(self.modules[m], name))
-        return full
+        return {(m, name, key): buffer[offset: offset + positions.numel()] for m, name, key, positions, offset in layout}
 
     # -------------------------------------------------------------------------------------------- writes
     @torch.no_grad()
@@ -218,25 +226,20 @@ class ZeroAccess(PlatformAccess):
             raise RuntimeError("The BeamLoRA snapshot was taken with a different number of processes; it holds "
                                "per-process shards. Resume with the same world size, or from a checkpoint taken "
                                "outside the snapshot-to-reset window.")
-        keys = list(snapshot["moment_keys"]) if inherit_moments else []
-        full = self._restore_full(snapshot, plans) if plans else {}
+        keys = [None] + (list(snapshot["moment_keys"]) if inherit_moments else [])
+        values = self._gather_source_values(snapshot, plans, keys) if plans else {}
         fragments = self.fragments
         for plan in plans:
-            module, frags, snap = self.modules[plan.module_index], fragments[plan.module_index], full[plan.module_index]
-            targets, sources = torch.tensor(plan.targets), torch.tensor(plan.sources)
-            a_pos = _row_positions(targets, module.in_features)
-            b_pos = _col_positions(targets, module.out_features, module.r)
-            a_val = snap["lora_A"][sources].reshape(-1)
-            b_val = snap["lora_B"][:, sources].reshape(-1)
-            for frag, pos, val in ((frags["lora_A"], a_pos, a_val), (frags["lora_B"], b_pos, b_val)):
-                frag.write(pos, val)
-                frag.write_working_copy(pos, val)
-            for key in keys:
-                frags["lora_A"].write(a_pos, snap[f"lora_A.{key}"][sources].reshape(-1), key)
-                frags["lora_B"].write(b_pos, snap[f"lora_B.{key}"][:, sources].reshape(-1), key)
-            score_pos = torch.arange(module.r)
-            frags["lora_score"].write(score_pos, new_logits[plan.module_index])
-            frags["lora_score"].write_working_copy(score_pos, new_logits[plan.module_index])
+            m, module, frags = plan.module_index, self.modules[plan.module_index], fragments[plan.module_index]
+            targets = torch.tensor(plan.targets)
+            for name, positions in (("lora_A", _row_positions(targets, module.in_features)),
+                                    ("lora_B", _col_positions(targets, module.out_features, module.r))):
+                for key in keys:
+                    frags[name].write(positions, values[(m, name, key)], key)
+                frags[name].write_working_copy(positions, values[(m, name, None)])
+            score_positions = torch.arange(module.r)
+            frags["lora_score"].write(score_positions, new_logits[m])
+            frags["lora_score"].write_working_copy(score_positions, new_logits[m])
 
     @torch.no_grad()
     def zero_score_moments(self):
@@ -248,11 +251,26 @@ class ZeroAccess(PlatformAccess):
 
     def all_processes_agree(self, checksum: float) -> bool:
         values = torch.tensor([checksum, -checksum], dtype=torch.float64)
-        device = self.modules[0].lora_score.device
-        highest = values.to(device)
-        self.dist.all_reduce(highest, op=self.dist.ReduceOp.MAX, group=self.group)
-        highest = highest.cpu()
+        highest = self._all_reduce(values, op=self.dist.ReduceOp.MAX)
         return bool(highest[0] == checksum and -highest[1] == checksum)
+
+
+def persistence_threshold_for(modules: Sequence[BeamLoRALinear]) -> int:
+    """The smallest `stage3_param_persistence_threshold` that keeps every adapter tensor resident under ZeRO-3."""
+    return 1 + max(max(m.r * m.in_features, m.out_features * m.r) for m in modules)
+
+
+def warn_if_adapters_not_persistent(modules: Sequence[BeamLoRALinear], engine) -> None:
+    """Partitioned adapter tensors are all-gathered by every forward and backward: say so, with the fix."""
+    params = [p for m in modules for p in (m.lora_A, m.lora_B, m.lora_score)]
+    gathered = [p for p in params if not getattr(p, "ds_persist", True)]
+    if gathered:
+        elements = sum(p.ds_numel for p in params)
+        logger.warning(
+            "%d of %d BeamLoRA tensors are partitioned under ZeRO-3, so every forward and backward all-gathers them "
+            "(hundreds of tiny collectives per step). Set zero_optimization.stage3_param_persistence_threshold >= %d "
+            "to keep them resident, at %.1f MB per GPU (bf16).", len(gathered), len(params),
+            persistence_threshold_for(modules), elements * 2 / 2**20)
 
 
 def _row_positions(rows: torch.Tensor, width: int) -> torch.Tensor:

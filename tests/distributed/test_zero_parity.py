@@ -42,6 +42,7 @@ def run(tmp_dir, *args, nproc=2, expect_ok=True):
         return proc, out
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _cache[key] = torch.load(out, weights_only=False)
+    _cache[key]["log"] = proc.stdout + proc.stderr
     return _cache[key]
 
 
@@ -63,6 +64,16 @@ def assert_follows(reference, result, rtol):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_fp32_follows_single_process(tmp_dir, stage):
     assert_follows(run(tmp_dir), run(tmp_dir, "--stage", str(stage)), rtol=1e-5)
+
+
+def test_zero3_reset_communicates_what_the_formula_says_and_warns_on_partitioned_adapters(tmp_dir):
+    result = run(tmp_dir, "--stage", "3")
+    # 2 modules x 8 ranks of fp32 logits; then, per pruned rank, its source's row of A and column of B
+    # (in + out elements: q_proj 12 + 16, down_proj 16 + 8), each as master, exp_avg and exp_avg_sq
+    per_rank = {"q_proj": 12 + 16, "down_proj": 16 + 8}
+    expected = [4 * (2 * 8 + 3 * sum(per_rank[name] for name, _ in h["pruned"])) for h in result["history"]]
+    assert result["all_reduce_bytes"] == expected
+    assert "stage3_param_persistence_threshold >= 129" in result["log"]  # largest adapter tensor: 16 x 8
 
 
 @pytest.mark.parametrize("criterion_args", [("--importance", "norm"), ("--optimizer_state", "keep")])

@@ -123,8 +123,9 @@ def main():
     if rank == 0:
         history = [{"step": r["step"], "pruned": sorted(map(list, r["pruned"])),
                     "sources": sorted(map(list, r["sources"]))} for r in beam.history]
+        comm = [r.get("all_reduce_bytes", 0) for r in beam.history]
         torch.save({"losses": losses, "history": history, "weights": weights, "global_step": beam.global_step,
-                    "world": world}, args.out)
+                    "world": world, "all_reduce_bytes": comm}, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+"""benchmarks/reset_cost.py --quick runs under 2 processes and its byte count follows the formula."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+pytest.importorskip("deepspeed")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_reset_cost_quick(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "reset_cost.json"
+    proc = subprocess.run([shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(port),
+                           "benchmarks/reset_cost.py", "--quick", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert "x median step" in proc.stdout
+    assert len(result["reset_x_step"]) == 2 and len(result["snapshot_x_step"]) == 2
+    assert result["modules_touched"][0] == result["modules"]  # p0 = 0.5: the first reset touches every module
+    assert result["reset_all_reduce_bytes"] == result["reset_bytes_formula"]
