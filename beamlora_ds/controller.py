@@ -17,7 +17,7 @@ from .access import PlatformAccess, RankStats, TorchAccess
 from .config import BeamLoRAConfig
 from .layer import BeamLoRALinear
 
-logger = logging.getLogger("beamlora_ds")
+logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 # Fields that must match between a saved controller state and the run that loads it.

@@ -21,7 +21,7 @@ from .access import PlatformAccess, RankStats
 from .beam import ModuleReset
 from .layer import BeamLoRALinear
 
-logger = logging.getLogger("beamlora_ds")
+logger = logging.getLogger(__name__)
 
 
 class _Fragment:

