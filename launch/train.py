@@ -138,10 +138,30 @@ def check_output_dir(args):
     return ckpt_dir
 
 
+# (rank, world size, local rank) variables of launchers that do not set RANK/WORLD_SIZE themselves
+_LAUNCHER_RANK_VARS = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+                       ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+                       ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
+
+
+def rank_environment(env: dict) -> dict:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* to add: from mpirun or srun variables, or a world of one for plain
+    `python launch/train.py`. Nothing when a torch-style launcher (deepspeed, torchrun) already set RANK."""
+    if "RANK" in env:
+        return {}
+    for rank, size, local in _LAUNCHER_RANK_VARS:
+        if rank in env and size in env:
+            if int(env[size]) > 1 and "MASTER_ADDR" not in env:
+                raise UsageError(f"Started by a launcher that sets {rank}/{size} but no MASTER_ADDR: export "
+                                 "MASTER_ADDR (the first node's address) and MASTER_PORT before launching.")
+            return {"RANK": env[rank], "WORLD_SIZE": env[size], "LOCAL_RANK": env.get(local, "0"),
+                    "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": env.get("MASTER_PORT", "29500")}
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+            "MASTER_PORT": env.get("MASTER_PORT", "29500")}
+
+
 def init_distributed(args):
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", "29500")):
-        os.environ.setdefault(key, value)  # plain `python launch/train.py` is a world of one
+    os.environ.update(rank_environment(dict(os.environ)))
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -344,7 +364,7 @@ def run(argv=None):
     log.close()
     beamlora_ds.save_checkpoint(engine, beam, ckpt_dir)
     adapter_dir = os.path.join(args.output_dir, "adapter")
-    _save_adapter(engine, adapter_dir, path)
+    beamlora_ds.save_adapter(engine, adapter_dir, base_model_name_or_path=path, overwrite=True)
     after = evaluate("after")
     if rank == 0:
         summary = {"type": "summary", "steps": total_steps, "resets": len(beam.history), "adapter": adapter_dir,
@@ -353,15 +373,6 @@ def run(argv=None):
         print(f"done: {total_steps} steps, {len(beam.history)} resets; adapter in {adapter_dir}; checkpoints in "
               f"{ckpt_dir}; log in {log.path}"
               + (f"; exact match {before:.1%} -> {after:.1%}" if before is not None and after is not None else ""))
-
-
-def _save_adapter(engine, adapter_dir, base_path):
-    try:
-        from beamlora_ds.export import save_adapter
-    except ImportError:  # export lands with the interop issue
-        logger.warning("beamlora_ds.export is not available: no PEFT adapter written (the checkpoint has everything)")
-        return
-    save_adapter(engine, adapter_dir, base_model_name_or_path=base_path, overwrite=True)
 
 
 def _all_reduce(dist, tensor, device):
