@@ -69,3 +69,19 @@ def test_refused_cleanly(files, tmp_path, name, argv, words):
     assert "Traceback" not in proc.stderr
     assert not out.exists()
     assert sorted(os.listdir(files / "full")) == ["keep.txt"]
+
+
+def test_rank_environment_from_launchers():
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import train
+
+    assert train.rank_environment({"RANK": "3", "WORLD_SIZE": "8"}) == {}
+    srun = train.rank_environment({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                                   "MASTER_ADDR": "node1"})
+    assert (srun["RANK"], srun["WORLD_SIZE"], srun["LOCAL_RANK"], srun["MASTER_ADDR"]) == ("5", "16", "1", "node1")
+    ompi = train.rank_environment({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
+                                   "OMPI_COMM_WORLD_LOCAL_RANK": "2", "MASTER_ADDR": "a"})
+    assert (ompi["RANK"], ompi["WORLD_SIZE"], ompi["LOCAL_RANK"]) == ("2", "4", "2")
+    assert train.rank_environment({})["WORLD_SIZE"] == "1"
+    with pytest.raises(train.UsageError, match="MASTER_ADDR"):
+        train.rank_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
