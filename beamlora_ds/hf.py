@@ -16,7 +16,7 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from .checkpoint import STATE_FILE, rng_state
+from .checkpoint import STATE_FILE, _all_ranks_or_raise
 from .controller import BeamController
 
 
@@ -40,14 +40,19 @@ class BeamLoRACallback(TrainerCallback):
             return self.trainer.model_wrapped
         return self.trainer.optimizer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._resume_checked = False
+
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step > 0 and self.beam.global_step != state.global_step:  # the Trainer resumed
+        if getattr(self, "_resume_checked", False):
+            return
+        self._resume_checked = True  # only the first step of a train() call can follow a resume
+        if state.global_step > 0 and self.beam.global_step != state.global_step:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             path = os.path.join(folder, STATE_FILE.format(rank=self._rank()))
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"The Trainer resumed at step {state.global_step} but {path} is missing: "
-                                        "BeamLoRA's state (snapshot, step count) is saved there by BeamLoRACallback. "
-                                        "Resume from a checkpoint written with the callback attached.")
+            _all_ranks_or_raise(os.path.isfile(path), f"The Trainer resumed at step {state.global_step} but {path} "
+                                "is missing on some process: BeamLoRACallback saves BeamLoRA's state (snapshot, step "
+                                "count) into each checkpoint-N folder of output_dir. Resume from such a checkpoint.")
             self.beam.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["beamlora"])
             # RNG states: the Trainer restores its own from the same checkpoint
 
@@ -61,5 +66,5 @@ class BeamLoRACallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, STATE_FILE.format(rank=self._rank()))
-        torch.save({"beamlora": self.beam.state_dict(), "rng": rng_state()}, path + ".tmp")
+        torch.save({"beamlora": self.beam.state_dict()}, path + ".tmp")
         os.replace(path + ".tmp", path)

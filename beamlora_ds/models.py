@@ -57,7 +57,13 @@ def load_model(path: str, dtype: torch.dtype, ds_config: dict) -> torch.nn.Modul
         from transformers.integrations import HfDeepSpeedConfig
 
         _live_hf_ds_config.append(HfDeepSpeedConfig(ds_config))
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_numel")]
+    if partitioned:
+        local = sum(p.ds_tensor.numel() for p in partitioned)  # p.numel() is 0 once partitioned
+        logger.info("ZeRO-3: loaded partitioned, %s of %s parameters held by this process at load",
+                    f"{local:,}", f"{sum(p.ds_numel for p in partitioned):,}")
+    return model
 
 
 def _tiny_llama(dtype: torch.dtype):

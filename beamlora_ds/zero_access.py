@@ -132,9 +132,17 @@ class ZeroAccess(PlatformAccess):
             warn_if_adapters_not_persistent(self.modules, engine)
         for m in self.modules:
             for name in ("lora_A", "lora_B", "lora_score"):
-                if not getattr(m, name).requires_grad:
+                p = getattr(m, name)
+                if not p.requires_grad:
                     raise ValueError(f"{name} has requires_grad=False: DeepSpeed keeps no fp32 master for it, "
                                      "so BeamLoRA cannot edit it. Do not freeze adapter parameters.")
+                if not (hasattr(p, "_hp_mapping") if self.stage in (1, 2) else hasattr(p, "_z3_optimizer")):
+                    raise ValueError(f"A BeamLoRA {name} is not in the DeepSpeed optimizer. Build the optimizer from "
+                                     "the trainable parameters after beamlora_ds.apply() (optimizer_param_groups).")
+        offload_param = getattr(getattr(engine, "zero_offload_param", lambda: None)(), "device", None)
+        if str(getattr(offload_param, "value", offload_param)).lower() == "nvme":
+            raise ValueError("BeamLoRA cannot edit ZeRO-3 parameters swapped out to NVMe (offload_param.device "
+                             "\"nvme\"); offload parameters to \"cpu\" instead (optimizer states may stay on NVMe).")
 
     # ------------------------------------------------------------------------------------------- helpers
     @property
@@ -158,16 +166,15 @@ class ZeroAccess(PlatformAccess):
         return []
 
     def _all_reduce(self, buffer: torch.Tensor, op=None) -> torch.Tensor:
-        on_device = buffer.to(self.modules[0].lora_score.device)
+        from deepspeed.accelerator import get_accelerator
+
+        on_device = buffer.to(get_accelerator().current_device_name())
         if op is None:
             self.dist.all_reduce(on_device, group=self.group)
         else:
             self.dist.all_reduce(on_device, op=op, group=self.group)
         self.all_reduce_bytes += on_device.numel() * on_device.element_size()
         return on_device.cpu()
-
-    def _shape(self, module: BeamLoRALinear, name: str) -> torch.Size:
-        return getattr(module, name).ds_shape if self.stage == 3 else getattr(module, name).shape
 
     # --------------------------------------------------------------------------------------------- reads
     def rank_stats(self, with_norms: bool) -> RankStats:
@@ -191,6 +198,11 @@ class ZeroAccess(PlatformAccess):
 
     def snapshot(self) -> dict:
         keys = self.moment_keys()
+        counts = self._all_reduce(torch.tensor([len(keys), -len(keys)], dtype=torch.float64),
+                                  op=self.dist.ReduceOp.MAX)
+        if counts[0] != -counts[1]:  # every process must lay out the reset's gather buffer the same way
+            raise RuntimeError(f"Processes see different optimizer state entries ({keys} here); BeamLoRA needs the "
+                               "same optimizer (and state) on every process.")
         return {"moment_keys": keys, "world_size": self.dist.get_world_size(group=self.group),
                 "modules": [{name: {"start": frags[name].start, "numel": frags[name].numel,
                                     "master": frags[name].read(),

@@ -110,7 +110,9 @@ def test_reset_rewrites_exactly_the_pruned_slots(mode):
         untouched = [i for i in range(8) if i not in targets]  # sources included: they keep current values
         assert torch.equal(a["lora_A"][untouched], b["lora_A"][untouched])
         assert torch.equal(a["lora_B"][:, untouched], b["lora_B"][:, untouched])
-        assert torch.equal(a["lora_A.exp_avg"][untouched], b["lora_A.exp_avg"][untouched])
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a[f"lora_A.{moment}"][untouched], b[f"lora_A.{moment}"][untouched])
+            assert torch.equal(a[f"lora_B.{moment}"][:, untouched], b[f"lora_B.{moment}"][:, untouched])
         expected_score = b["lora_score"].clone()
         for j, s in pairs:
             expected_score[j] = expected_score[s] = (expected_score[j] + expected_score[s]) / 2
@@ -123,19 +125,22 @@ def test_reset_rewrites_exactly_the_pruned_slots(mode):
 
 
 def test_modes_differ_only_in_moments():
-    _, _, _, _, _, rec_inherit, _ = run_until_first_reset("inherit")
-    _, _, _, _, _, rec_keep, _ = run_until_first_reset("keep")
+    _, beam_i, opt_i, _, _, rec_inherit, _ = run_until_first_reset("inherit")
+    _, beam_k, opt_k, _, _, rec_keep, _ = run_until_first_reset("keep")
     assert rec_inherit["pruned"] == rec_keep["pruned"] and rec_inherit["sources"] == rec_keep["sources"]
+    inherit, keep = adapter_copy(beam_i, opt_i), adapter_copy(beam_k, opt_k)
+    for name in beam_i.module_names:
+        for key in ("lora_A", "lora_B", "lora_score"):
+            assert torch.equal(inherit[name][key], keep[name][key])
+    assert any(not torch.equal(inherit[n]["lora_A.exp_avg"], keep[n]["lora_A.exp_avg"]) for n in beam_i.module_names)
 
 
 def test_training_continues_and_loss_falls_across_resets():
     model, beam, opt = make_run(total_steps=120, interval=20, p0=0.8)
-    batches = regression_batches(120, seed=1)
-    losses = [train_step(model, opt, b) for b in batches[:5]]
-    for b in batches[5:]:
-        beam.step(opt)
+    losses = []
+    for b in regression_batches(120, seed=1):
         losses.append(train_step(model, opt, b))
-    beam.step(opt)
+        beam.step(opt)
     resets = [r["step"] for r in beam.history]
     assert resets == [20, 40, 60, 80, 100]
     assert sum(len(r["pruned"]) for r in beam.history) > 0

@@ -79,3 +79,23 @@ def test_stop_and_resume_continue_the_same_trajectory(tmp_path_factory, stage):
         if r["type"] == "train":
             assert r["loss"] == pytest.approx(expected[r["step"]], rel=1e-5, abs=1e-6), r["step"]
     assert [r["step"] for r in log if r["type"] == "reset"] == [4, 8, 12]
+
+
+def test_local_checkpoint_is_partitioned_at_load_under_zero3(tmp_path):
+    """A saved HF model folder loads under ZeRO-3 already partitioned (HfDeepSpeedConfig alive before
+    from_pretrained), the path a 70B model takes; then trains and writes its adapter."""
+    from beamlora_ds import models
+
+    model_dir = tmp_path / "model"
+    models.load_model(models.BUILTIN_TINY, __import__("torch").float32, {}).save_pretrained(model_dir)
+    models.char_tokenizer().save_pretrained(model_dir)
+    out = tmp_path / "out"
+    proc = launch(out, "--ds_config", "ds_configs/zero3.json", "--model_name_or_path", str(model_dir),
+                  "--lora_r", "8", "--max_steps", "8", "--interval", "4", "--logging_steps", "1",
+                  "--max_length", "64")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(l for l in (proc.stdout + proc.stderr).splitlines() if "loaded partitioned" in l)
+    held, total = [int(x.replace(",", "")) for x in line.split("partitioned, ")[1].split(" parameters")[0]
+                   .split(" of ")]
+    assert 0 < held < total  # this process holds a shard, not the model
+    assert os.path.isfile(out / "adapter" / "adapter_model.safetensors")

@@ -32,6 +32,8 @@ def parse():
     p.add_argument("--stop_at", type=int, default=0, help="save a checkpoint after this step and exit")
     p.add_argument("--resume_from", default="")
     p.add_argument("--ckpt_dir", default="")
+    p.add_argument("--persist", action="store_true", help="keep adapters resident (the shipped ZeRO-3 setting)")
+    p.add_argument("--check", action="store_true", help="check_consistency=True on a healthy run")
     p.add_argument("--plant_desync", action="store_true", help="rank 1 changes its seed before the first reset")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=0)
@@ -43,18 +45,19 @@ def build(args):
     model = TwoLayerNet()
     cfg = BeamLoRAConfig(r=8, alpha=16.0, dropout=0.0, tau=0.05, interval=args.interval, total_steps=args.steps,
                          p0=0.6, seed=0, importance=args.importance, optimizer_state=args.optimizer_state,
-                         check_consistency=args.plant_desync)
+                         check_consistency=args.plant_desync or args.check)
     beam = beamlora_ds.apply(model, cfg)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, weight_decay=0.01), lr=2e-2)
     return model, beam, optimizer
 
 
-def ds_config(args):
+def ds_config(args, beam):
+    threshold = beamlora_ds.persistence_threshold_for(beam.modules) if args.persist else 0
     return {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // int(os.environ.get("WORLD_SIZE", "1")),
             "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
             "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips at 1.0 by default; the reference does not clip
             "bf16": {"enabled": args.dtype == "bf16"},
-            "zero_optimization": {"stage": args.stage, "stage3_param_persistence_threshold": 0},
+            "zero_optimization": {"stage": args.stage, "stage3_param_persistence_threshold": threshold},
             "wall_clock_breakdown": False}
 
 
@@ -90,7 +93,7 @@ def main():
 
         deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=90))
         rank, world = dist.get_rank(), dist.get_world_size()
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(args))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(args, beam))
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         start = 0
         if args.resume_from:
