@@ -7,6 +7,7 @@ With score = 0 every w_i = 1 and the layer is exactly vanilla LoRA (BEAMLORA.md 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +27,24 @@ def _base_features(base_layer: nn.Module) -> tuple:
                         "nn.Linear-like layers only") from None
 
 
+def is_4bit_linear(module: nn.Module) -> bool:
+    """True for a bitsandbytes `Linear4bit` (NF4/FP4). Never imports bitsandbytes: a model can only hold one when
+    bitsandbytes is already imported, so its absence means "no"."""
+    bnb = sys.modules.get("bitsandbytes")
+    linear4bit = getattr(getattr(bnb, "nn", None), "Linear4bit", None)
+    return linear4bit is not None and isinstance(module, linear4bit)
+
+
 def _adapter_dtype(base_layer: nn.Module) -> torch.dtype:
-    """The dtype the adapter is created in: the base weight's, unless that is not floating (4-bit storage)."""
+    """The dtype the adapter is created in: the dtype the base layer computes in.
+
+    A plain layer computes in its weight's dtype. A 4-bit layer's weight dtype is only the storage of its packed
+    nibbles (uint8, or bf16/fp32 so ZeRO-3 can partition it): it computes in its `compute_dtype`, or in the
+    input's dtype when none is set, so the adapter takes the compute dtype, else fp32.
+    """
+    if is_4bit_linear(base_layer):
+        compute = getattr(base_layer, "compute_dtype", None)
+        return compute if isinstance(compute, torch.dtype) and compute.is_floating_point else torch.float32
     weight = getattr(base_layer, "weight", None)
     if weight is not None and weight.dtype.is_floating_point:
         return weight.dtype

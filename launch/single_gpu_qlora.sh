@@ -14,8 +14,8 @@
 # Host RAM: the BeamLoRA snapshot, 1.8 / 2.8 / 9.3 GiB (7B / 13B / 70B), plus what loading the model takes.
 # Memory grows with MICRO_BATCH x MAX_LENGTH (activations) and with LORA_R (adapter, optimizer, snapshot).
 #
-# Needs `--quantization nf4` in launch/train.py and ds_configs/qlora_single.json (an open issue: until they exist
-# this script stops with train.py's "unrecognized arguments" error).
+# ds_configs/qlora_single.json is ZeRO stage 2 with one process: nothing is partitioned, but DeepSpeed keeps the
+# fp32 adapter state that BeamLoRA edits (stage 0 with bf16 is refused).
 #
 # What to change: MODEL, DATASET (+ PROMPT_FIELD / RESPONSE_FIELD: the columns holding the question and the
 # answer), OUTPUT_DIR. MICRO_BATCH x GRAD_ACCUM is the global batch (the paper: 32). Every variable below can be

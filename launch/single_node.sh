@@ -5,7 +5,7 @@
 #   NUM_GPUS=4 MODEL=meta-llama/Llama-2-13b-hf bash launch/single_node.sh
 #   MODEL=meta-llama/Llama-2-70b-hf bash launch/single_node.sh         # 70B fits one 8 x 80 GB node (below)
 #   DS_CONFIG=ds_configs/zero2.json bash launch/single_node.sh         # 7B/13B: faster, base whole on every GPU
-#   DS_CONFIG=ds_configs/qlora_zero3.json QUANTIZATION=nf4 bash launch/single_node.sh   # 4-bit base (open issue)
+#   DS_CONFIG=ds_configs/qlora_zero3.json QUANTIZATION=nf4 bash launch/single_node.sh   # 4-bit base
 #   RESUME=1 bash launch/single_node.sh                               # continue the run in OUTPUT_DIR
 #
 # GPU memory per GPU on 8 GPUs, from `python launch/estimate_memory.py --model 7b --gpus 8 --stage 3
@@ -30,7 +30,7 @@ PROMPT_FIELD=${PROMPT_FIELD:-query}
 RESPONSE_FIELD=${RESPONSE_FIELD:-response}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/beamlora-$(basename "$MODEL")}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
-QUANTIZATION=${QUANTIZATION:-none}                 # nf4: 4-bit base (needs train.py --quantization, open issue)
+QUANTIZATION=${QUANTIZATION:-none}                 # nf4: 4-bit NF4 base (train.py --quantization nf4)
 NUM_GPUS=${NUM_GPUS:-8}
 MASTER_PORT=${MASTER_PORT:-29500}
 MAX_LENGTH=${MAX_LENGTH:-512}

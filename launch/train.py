@@ -24,6 +24,7 @@ import beamlora_ds  # noqa: E402
 from beamlora_ds import data as data_lib  # noqa: E402
 from beamlora_ds import ds_config as dsc  # noqa: E402
 from beamlora_ds import models  # noqa: E402
+from beamlora_ds import quant  # noqa: E402  (issue 5: 4-bit bases)
 from beamlora_ds.config import LLAMA_PROJECTIONS, BeamLoRAConfig  # noqa: E402
 from beamlora_ds.evaluate import exact_match  # noqa: E402
 
@@ -50,6 +51,9 @@ def parse_args(argv=None):
                    help="hub name or local folder; default: built-in (SmolLM2-135M if installed, else tiny Llama)")
     g.add_argument("--bf16", action="store_true", default=None, help="train in bf16 (must match the config)")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--quantization", default="none", choices=["none", "nf4"],
+                   help="nf4: load the base in 4-bit NF4 with double quantization (QLoRA-style; needs bitsandbytes); "
+                        "compute dtype bf16 with --bf16, else fp32")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=None, help="hub name, .json/.jsonl/.csv file, or a save_to_disk folder")
     g.add_argument("--dataset_split", default="train")
@@ -126,7 +130,8 @@ def check_output_dir(args):
             with open(saved) as f:
                 before = json.load(f)
             keys = ("model_name_or_path", "dataset", "lora_r", "lora_alpha", "target_modules", "interval", "p0",
-                    "seed", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps")
+                    "seed", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                    "quantization")
             changed = [f"--{k}: was {before.get(k)!r}, now {getattr(args, k)!r}" for k in keys
                        if k in before and before[k] != getattr(args, k)]
             if changed:
@@ -257,6 +262,11 @@ def run(argv=None):
     bf16 = bool(config.get("bf16", {}).get("enabled", False))
     if config.get("fp16", {}).get("enabled") is True:
         raise UsageError("fp16 training is not supported by launch/train.py yet; use bf16 (or fp32).")
+    if args.quantization == "nf4":  # 4-bit: refuse what cannot work before anything is loaded
+        try:
+            quant.check_4bit_request(config, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+        except quant.QuantizationError as e:
+            raise UsageError(str(e)) from e
     name = models.resolve_builtin(args.model_name_or_path)
     path = models.model_path(name, rank, barrier=dist.barrier)
     tokenizer = models.load_tokenizer(path)
@@ -276,7 +286,11 @@ def run(argv=None):
                                  importance=args.importance, seed=args.seed).validate()
     # ------------------------------------------------------------------------------------ model and engine
     torch.manual_seed(args.seed)
-    model = models.load_model(path, torch.bfloat16 if bf16 else torch.float32, config)
+    if args.quantization == "nf4":
+        model = quant.load_4bit_model(path, config, compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+                                      gradient_checkpointing=args.gradient_checkpointing)
+    else:
+        model = models.load_model(path, torch.bfloat16 if bf16 else torch.float32, config)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
@@ -349,6 +363,8 @@ def run(argv=None):
                       + (f" (skipped: {record['skipped']})" if record.get("skipped") else ""))
         now = time.time()
         loss_value, lr = sum(losses) / len(losses), engine.get_lr()[0]
+        if world > 1:  # log the loss of the whole global batch (mean over processes), not rank 0's share
+            loss_value = float(_all_reduce(dist, torch.tensor([loss_value]), engine.device)[0]) / world
         log.progress(loss_value, lr, tokens / max(now - tick, 1e-9))
         if step % args.logging_steps == 0 or step == total_steps:
             log.write({"type": "train", "step": step, "loss": loss_value, "lr": lr,

@@ -209,7 +209,7 @@ def _train_options():
 
 
 # Options the recipes pass that train.py gains in an open issue (4-bit bases).
-PENDING_TRAIN_OPTIONS = {"--quantization"}
+PENDING_TRAIN_OPTIONS = set()
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -1,0 +1,254 @@
+"""BeamLoRA on real bitsandbytes NF4 bases (CPU): the layer against a dequantized reference, a loaded 4-bit
+Llama that trains through resets, and the refusals of check_4bit_request (before anything loads)."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from beamlora_ds import BeamLoRAConfig, BeamLoRALinear, apply, optimizer_param_groups
+from beamlora_ds import quant
+from beamlora_ds.layer import is_4bit_linear
+from helpers import tiny_llama
+
+bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes.functional as bnbf  # noqa: E402
+from bitsandbytes.nn import Linear4bit  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def nf4_linear(in_f, out_f, compute_dtype, double_quant=True, storage=None, seed=0):
+    """A Linear4bit quantized on the CPU from a seeded nn.Linear (returned too, for the unquantized weight)."""
+    torch.manual_seed(seed)
+    dense = nn.Linear(in_f, out_f)
+    layer = Linear4bit(in_f, out_f, compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4",
+                       quant_storage=storage or compute_dtype or torch.uint8)
+    layer.load_state_dict(dense.state_dict())
+    return layer.to("cpu"), dense  # .to(device) quantizes
+
+
+@pytest.mark.parametrize("compute, storage, expected", [
+    (torch.float32, torch.bfloat16, torch.float32),  # bf16 storage (ZeRO-3) must not make an fp32 model's adapter bf16
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32, torch.bfloat16),
+    (None, torch.uint8, torch.float32),
+])
+def test_adapter_dtype_is_the_compute_dtype_not_the_storage(compute, storage, expected):
+    layer, _ = nf4_linear(64, 64, compute, storage=storage)
+    assert is_4bit_linear(layer) and not is_4bit_linear(nn.Linear(4, 4))
+    wrapped = BeamLoRALinear(layer, r=4, alpha=8)
+    assert {p.dtype for p in (wrapped.lora_A, wrapped.lora_B, wrapped.lora_score)} == {expected}
+    out = wrapped(torch.randn(2, 64, dtype=compute or torch.float32))
+    assert out.dtype == (compute or torch.float32) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+def test_4bit_forward_backward_equal_the_dequantized_reference(compute, double_quant):
+    """Same A, B, score (non-zero) and input over the NF4 layer and over nn.Linear holding the dequantized weight.
+
+    On the CPU bitsandbytes dequantizes to the compute dtype and runs the same torch GEMM, forward and backward, so
+    we measured bit-identical results; the tolerance is torch's default for the dtype (fp32: 1.3e-6 relative,
+    bf16: 1.6e-2). A wrong dequantization (absmax, double-quant constants, layout) moves weights by up to 15% of
+    absmax: the unquantized weight itself is shown to miss by far more than the tolerance."""
+    layer, dense = nf4_linear(128, 80, compute, double_quant)
+    weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    reference = nn.Linear(128, 80, dtype=compute)
+    with torch.no_grad():
+        reference.weight.copy_(weight.to(compute))
+        reference.bias.copy_(dense.bias.to(compute))
+    ours, ref = BeamLoRALinear(layer, r=8, alpha=16), BeamLoRALinear(reference, r=8, alpha=16)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        ours.lora_B.normal_()
+        ours.lora_score.normal_(std=0.05)
+        for name in ("lora_A", "lora_B", "lora_score"):
+            getattr(ref, name).copy_(getattr(ours, name))
+    x = torch.randn(3, 5, 128, dtype=compute)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_ref = ours(x_ours), ref(x_ref)
+    grad_out = torch.randn_like(y_ref)
+    (y_ours * grad_out).sum().backward()
+    (y_ref * grad_out).sum().backward()
+    torch.testing.assert_close(y_ours, y_ref)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad)
+    for name in ("lora_A", "lora_B", "lora_score"):
+        torch.testing.assert_close(getattr(ours, name).grad, getattr(ref, name).grad, msg=name)
+    assert layer.weight.grad is None and layer.weight.dtype == compute  # frozen, still packed
+    with torch.no_grad():  # sensitivity: the unquantized base gives a clearly different output
+        unquantized = nn.functional.linear(x.float(), dense.weight, dense.bias)
+        base_only = nn.functional.linear(x.float(), weight.float(), dense.bias)
+    assert (unquantized - base_only).abs().max() > 0.05
+
+
+def _tokens(step, batch=4, length=16, vocab=64):
+    """A learnable stream: token t+1 = token t + 1 (mod vocab), random starts."""
+    g = torch.Generator().manual_seed(100 + step)
+    start = torch.randint(0, vocab, (batch, 1), generator=g)
+    return (start + torch.arange(length)) % vocab
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    # hidden 64: every projection has in_features >= 64 (bitsandbytes' blocksize)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llama(seed=0, hidden=64).save_pretrained(folder)
+    return str(folder)
+
+
+def test_loaded_4bit_llama_trains_through_resets_without_touching_the_base(saved_tiny):
+    model = quant.load_4bit_model(saved_tiny, None, compute_dtype=torch.float32)
+    four_bit = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(four_bit) == 2 * 7 and model.training
+    assert all(m.support_avx512bf16_for_cpu is False for m in four_bit)  # the repacking trap is off
+    assert not any(p.requires_grad for p in model.parameters())
+    packed_before = [m.weight.data.view(torch.uint8).clone() for m in four_bit]  # bits (as fp32 some are NaN)
+
+    beam = apply(model, BeamLoRAConfig(r=8, alpha=16, dropout=0.0, interval=4, total_steps=12, p0=0.8, seed=0))
+    assert all(isinstance(m.base_layer, Linear4bit) and m.lora_A.dtype == torch.float32 for m in beam.modules)
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model), lr=5e-3)
+    losses, records = [], []
+    for step in range(1, 13):
+        ids = _tokens(step)
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        record = beam.step(optimizer)
+        if record is not None:
+            records.append(record)
+        losses.append(loss.item())
+        if step == 6:  # the trap's trigger: an eval-mode forward without grad (e.g. an evaluation mid-training)
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+
+    assert [r["step"] for r in records] == [4, 8]
+    assert len(records[0]["pruned"]) > 0 and len(records[0]["sources"]) == len(records[0]["pruned"])
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses  # training goes on after the resets
+    for m, before in zip(four_bit, packed_before):
+        assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        assert torch.equal(m.weight.data.view(torch.uint8), before)  # frozen and never repacked in place
+
+
+def test_state_dict_of_a_4bit_model_loads_back_strictly_and_refuses_another_base(saved_tiny):
+    """What DeepSpeed's load_checkpoint does on resume: a strict load_state_dict of the saved module state."""
+    saved = quant.load_4bit_model(saved_tiny, None, compute_dtype=torch.float32)
+    apply(saved, BeamLoRAConfig(r=4, alpha=8, total_steps=10, interval=4))
+    state = saved.state_dict()
+    assert any(k.endswith("base_layer.weight.absmax") for k in state)  # the keys no module accepts by default
+    fresh = quant.load_4bit_model(saved_tiny, None, compute_dtype=torch.float32)
+    apply(fresh, BeamLoRAConfig(r=4, alpha=8, total_steps=10, interval=4))
+    fresh.load_state_dict(state)  # strict
+    other = quant.load_4bit_model(saved_tiny, None, compute_dtype=torch.float32, double_quant=False)
+    apply(other, BeamLoRAConfig(r=4, alpha=8, total_steps=10, interval=4))
+    with pytest.raises(RuntimeError, match="different 4-bit base"):
+        other.load_state_dict(state)
+
+
+def test_builtin_tiny_and_bf16_training_dtype_set_storage_and_adapter_dtype():
+    config = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
+    model = quant.load_4bit_model("builtin-tiny", config, compute_dtype=torch.bfloat16, double_quant=False,
+                                  gradient_checkpointing=True)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, Linear4bit) and q_proj.weight.dtype == torch.bfloat16
+    assert q_proj.weight.quant_state.nested is False and q_proj.compute_dtype == torch.bfloat16
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    beam = apply(model, BeamLoRAConfig(r=4, alpha=8, total_steps=10, interval=4))
+    assert beam.modules[0].lora_A.dtype == torch.bfloat16
+    ids = torch.randint(4, 60, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()  # through checkpointed blocks with frozen embeddings
+    assert all(m.lora_A.grad is not None for m in beam.modules)
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ds_config={"zero_optimization": {"stage": 3}}, device_map="auto"), "Remove device_map"),
+    (dict(ds_config={"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}, compute_dtype=torch.float16),
+     "compute_dtype=bf16"),
+    (dict(ds_config={"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}}, compute_dtype=torch.bfloat16),
+     "compute_dtype=fp16"),
+    (dict(ds_config={"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}, quant_storage=torch.uint8),
+     "Leave quant_storage unset"),
+    (dict(ds_config={"zero_optimization": {"stage": 3}}, quant_storage=torch.bfloat16), "training dtype, fp32"),
+    (dict(ds_config={"bf16": {"enabled": "auto"}}), "Resolve the config first"),
+    (dict(ds_config={"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}), "Use ZeRO stage 2"),
+    (dict(ds_config=None, compute_dtype=torch.int8), "use torch.bfloat16"),
+    (dict(ds_config=None, double_quant="yes"), "use True or False"),
+    (dict(ds_config={"zero_optimization": {"stage": 2}}, model_dtype=torch.bfloat16), "Leave model_dtype unset"),
+    (dict(ds_config=None, model_dtype=torch.bfloat16, compute_dtype=torch.float16), "compute_dtype=bf16"),
+])
+def test_inconsistent_requests_are_refused_with_the_fix(kwargs, message):
+    with pytest.raises(quant.QuantizationError, match=message):
+        quant.check_4bit_request(**kwargs)
+
+
+def test_refusal_comes_before_any_loading():
+    with pytest.raises(quant.QuantizationError, match="Remove device_map"):
+        quant.check_4bit_request({"zero_optimization": {"stage": 3}}, device_map={"": 0})
+    # a path that does not exist would fail in from_pretrained: the refusal must come first
+    with pytest.raises(quant.QuantizationError, match="compute_dtype=bf16"):
+        quant.load_4bit_model("/nonexistent/model", {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}},
+                              compute_dtype=torch.float16)
+
+
+def test_missing_bitsandbytes_is_refused_with_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` raise ImportError
+    with pytest.raises(quant.QuantizationError, match="pip install 'bitsandbytes>="):
+        quant.check_4bit_request(None)
+
+
+def test_consistent_requests_resolve_storage_to_the_training_dtype():
+    s = quant.check_4bit_request({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}})
+    assert (s.compute_dtype, s.quant_storage, s.model_dtype, s.zero_stage) == (torch.bfloat16,) * 3 + (3,)
+    s = quant.check_4bit_request({"zero_optimization": {"stage": 3}}, compute_dtype=torch.float32, double_quant=False)
+    assert (s.quant_storage, s.double_quant) == (torch.float32, False)
+    s = quant.check_4bit_request(None, model_dtype=torch.bfloat16)  # no DeepSpeed: the caller says
+    assert (s.quant_storage, s.model_dtype, s.zero_stage) == (torch.bfloat16, torch.bfloat16, 0)
+    s = quant.check_4bit_request({"zero_optimization": {"stage": 3}}, compute_dtype=torch.float32, double_quant=False)
+    config = s.bnb_config()
+    assert config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_quant_storage == torch.float32
+
+
+@pytest.mark.skipif(not bnbf.has_avx512bf16(), reason="the repacking trap exists on AVX512-BF16 CPUs only")
+def test_an_already_repacked_model_is_refused():
+    layer, _ = nf4_linear(64, 64, torch.float32)
+    layer.eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 64))  # what from_pretrained's eval mode + an evaluation would do
+    assert layer.weight.quant_state.packing_format_for_cpu
+    with pytest.raises(quant.QuantizationError, match="already repacked"):
+        quant.disable_cpu_repacking(nn.Sequential(layer))
+
+
+def test_train_py_refuses_before_loading(tmp_path):
+    """--quantization nf4 with a ZeRO stage 0 bf16 config: exit 2 with the fix, nothing written."""
+    config = tmp_path / "stage0.json"
+    config.write_text('{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", '
+                      '"gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 0}}')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["MASTER_PORT"] = str(port)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--model_name_or_path",
+                           "builtin-tiny", "--quantization", "nf4", "--bf16", "--ds_config", str(config),
+                           "--output_dir", str(out), "--max_steps", "2"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "error: ZeRO stage 0 with bf16" in proc.stderr and "qlora_single.json" in proc.stderr
+    assert "Loaded" not in proc.stderr + proc.stdout and not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_benchmark_refuses_cleanly_without_a_gpu():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_qlora.py"), "--quick"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
