@@ -252,3 +252,37 @@ def test_gpu_benchmark_refuses_cleanly_without_a_gpu():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_qlora.py"), "--quick"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_adapter_trained_on_a_4bit_base_loads_in_stock_peft_on_the_full_precision_base(saved_tiny, tmp_path):
+    """The exported adapter is plain LoRA for the unquantized base: stock peft loads it onto the full-precision
+    model, and on that model with the 4-bit layers' dequantized weights it reproduces the 4-bit BeamLoRA logits."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    import beamlora_ds
+    from beamlora_ds.export import dequantize_4bit_weight
+
+    model = quant.load_4bit_model(saved_tiny, None, compute_dtype=torch.float32)
+    beam = beamlora_ds.apply(model, beamlora_ds.BeamLoRAConfig(r=4, alpha=8.0, dropout=0.0, interval=4,
+                                                               total_steps=12))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for m in beam.modules:
+            m.lora_B.normal_(std=0.3)
+            m.lora_score.normal_(std=0.05)
+    beamlora_ds.save_adapter(model, str(tmp_path / "adapter"))
+    ids = _tokens(0)
+    model.train()  # keep bitsandbytes off its eval-mode CPU repacking path
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    full = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, m in zip(beam.module_names, beam.modules):  # the base the 4-bit model really computed with
+            full.get_submodule(name).weight.copy_(dequantize_4bit_weight(m.base_layer).float())
+        without = full(input_ids=ids).logits
+    loaded = peft.PeftModel.from_pretrained(full, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+    assert (expected - without).abs().max() > 0.05  # the adapter really acts
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
