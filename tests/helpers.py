@@ -39,3 +39,31 @@ def regression_batches(steps: int, seed: int = 0, batch: int = 16, model_seed: i
             layer.weight += torch.randn(out_f, 2, generator=g) @ torch.randn(2, in_f, generator=g) / 2
         xs = [torch.randn(batch, teacher.q_proj.in_features, generator=g) for _ in range(steps)]
         return [(x, teacher(x)) for x in xs]
+
+
+NATIVE_CRASH = "terminate called without an active exception"
+
+
+def run_launch(cmd, timeout, cwd=None):
+    """subprocess.run for multi-process launches, retried once on a native start-up/exit abort.
+
+    On this CPU, gloo + DeepSpeed's shared-memory comm op have been seen (once in a few hundred launches) to abort
+    with "terminate called without an active exception" and no Python error. Such a launch is retried once with
+    a new master port; any Python exception, failed assertion or timeout fails at once.
+    """
+    import re
+    import socket
+    import subprocess
+    import sys
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0 and NATIVE_CRASH in output and "Traceback" not in output:
+        print(f"retrying a launch that aborted natively: {' '.join(map(str, cmd))[:200]}", file=sys.stderr)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        cmd = [port if i > 0 and str(cmd[i - 1]) == "--master_port" else c for i, c in enumerate(cmd)]
+        cmd = [re.sub(r"^--master_port=\d+$", f"--master_port={port}", str(c)) for c in cmd]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return proc

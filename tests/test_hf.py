@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from helpers import run_launch  # noqa: E402
 
 pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +23,7 @@ def run_worker(out, *args, deepspeed_procs=0):
         cmd = ["deepspeed", "--num_gpus", str(deepspeed_procs), "--master_port", str(port), WORKER]
     else:
         cmd = [sys.executable, WORKER]
-    proc = subprocess.run(cmd + ["--out", str(out), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_launch(cmd + ["--out", str(out), *args], timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(os.path.join(out, "result.pt"), weights_only=False)
 

@@ -6,6 +6,7 @@ import socket
 import subprocess
 
 import pytest
+from helpers import run_launch  # noqa: E402
 
 pytest.importorskip("deepspeed")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -16,9 +17,8 @@ def test_reset_cost_quick(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "reset_cost.json"
-    proc = subprocess.run([shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(port),
-                           "benchmarks/reset_cost.py", "--quick", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = run_launch([shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(port),
+                       "benchmarks/reset_cost.py", "--quick", "--json", str(out)], timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert "x median step" in proc.stdout

@@ -21,6 +21,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from beamlora_ds import export  # noqa: E402
 from helpers import tiny_llama  # noqa: E402
+from helpers import run_launch  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,7 +42,7 @@ def run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("export"))
     cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), WORKER,
            "--out_dir", out, "--stages", ",".join(map(str, STAGES))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=out)
+    proc = run_launch(cmd, timeout=TIMEOUT_S, cwd=out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = torch.load(os.path.join(out, "result.pt"), weights_only=False)
     assert result["world"] == 2

@@ -20,6 +20,7 @@ import socket
 import subprocess
 
 import pytest
+from helpers import run_launch  # noqa: E402
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("bitsandbytes")
@@ -44,7 +45,7 @@ def run(tmp_path_factory, nproc):
         extra = [] if nproc == 2 else ["--gradient_accumulation_steps", "2"]
         cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nproc), "--master_port", str(_port()),
                TRAIN, "--output_dir", str(out), *ARGS, *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+        proc = run_launch(cmd, timeout=240, cwd=ROOT)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         with open(os.path.join(out, "log.jsonl")) as f:
             _runs[nproc] = (out, proc, [json.loads(line) for line in f])

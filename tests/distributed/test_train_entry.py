@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import run_launch  # noqa: E402
 
 pytest.importorskip("deepspeed")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,7 +30,7 @@ def _port():
 def launch(out_dir, *args, nproc=2, timeout=300):
     cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nproc), "--master_port", str(_port()), TRAIN,
            "--output_dir", str(out_dir), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return run_launch(cmd, timeout=timeout, cwd=ROOT)
 
 
 def read_log(out_dir):

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from helpers import run_launch  # noqa: E402
 
 pytest.importorskip("deepspeed")
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
@@ -37,7 +38,7 @@ def run(tmp_dir, *args, nproc=2, expect_ok=True):
                WORKER, "--out", out, *args]
     else:
         cmd = [sys.executable, WORKER, "--out", out, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_dir)
+    proc = run_launch(cmd, timeout=TIMEOUT_S, cwd=tmp_dir)
     if not expect_ok:
         return proc, out
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
