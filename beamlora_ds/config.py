@@ -80,8 +80,7 @@ class BeamLoRAConfig:
         elif _is_int(self.total_steps) and self.total_steps >= 1 and self.interval > self.total_steps // 2:
             problems.append(
                 f"interval={self.interval} is too long for total_steps={self.total_steps}: a reset at step T needs "
-                f"T more steps after it, so no reset would ever happen. Use interval <= {self.total_steps // 2} "
-                "(or p0=1 with a long interval to train plain LoRA with scores).")
+                f"T more steps after it, so no reset would ever happen. Use interval <= {self.total_steps // 2}.")
         if self.t_end is not None and not (_is_int(self.t_end) and self.t_end >= 1):
             problems.append(f"t_end={self.t_end!r}: must be a positive integer number of steps, or None for 2/3 of total_steps.")
         if problems:

@@ -376,6 +376,7 @@ def run(argv=None):
             beamlora_ds.save_checkpoint(engine, beam, ckpt_dir)
             log.close()
             log.write({"type": "stopped", "step": step}, f"stopped after step {step}; continue with --resume")
+            release_shm_buffers(dist)
             return
     log.close()
     beamlora_ds.save_checkpoint(engine, beam, ckpt_dir)
@@ -389,6 +390,22 @@ def run(argv=None):
         print(f"done: {total_steps} steps, {len(beam.history)} resets; adapter in {adapter_dir}; checkpoints in "
               f"{ckpt_dir}; log in {log.path}"
               + (f"; exact match {before:.1%} -> {after:.1%}" if before is not None and after is not None else ""))
+    release_shm_buffers(dist)
+
+
+def release_shm_buffers(dist):
+    """DeepSpeed's CPU shared-memory comm op never removes its 64 MB /dev/shm buffer: each process unlinks its own
+    once every process is past its last collective (mappings stay valid after unlink)."""
+    import glob
+
+    dist.barrier()
+    name = f"deepspeed_allreduce_buffer_*_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_" \
+           f"{os.environ.get('RANK')}"
+    for path in glob.glob(os.path.join("/dev/shm", name)):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _all_reduce(dist, tensor, device):

@@ -56,7 +56,7 @@ def run_launch(cmd, timeout, cwd=None):
     import subprocess
     import sys
 
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    proc = _run_and_clean(cmd, timeout, cwd)
     output = proc.stdout + proc.stderr
     if proc.returncode != 0 and NATIVE_CRASH in output and "Traceback" not in output:
         print(f"retrying a launch that aborted natively: {' '.join(map(str, cmd))[:200]}", file=sys.stderr)
@@ -65,5 +65,38 @@ def run_launch(cmd, timeout, cwd=None):
             port = str(s.getsockname()[1])
         cmd = [port if i > 0 and str(cmd[i - 1]) == "--master_port" else c for i, c in enumerate(cmd)]
         cmd = [re.sub(r"^--master_port=\d+$", f"--master_port={port}", str(c)) for c in cmd]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+        proc = _run_and_clean(cmd, timeout, cwd)
     return proc
+
+
+SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
+
+
+def remove_shm_buffers(port=None, since: float = 0.0) -> int:
+    """DeepSpeed's CPU shared-memory comm op leaves a 64 MB file in /dev/shm per process and launch and never
+    removes it: hundreds of launches fill the machine's RAM. Remove those of one master port (or newer than
+    `since`)."""
+    import glob
+    import os
+
+    removed = 0
+    for path in glob.glob(SHM_BUFFERS):
+        if (port is not None and f"_{port}_" in os.path.basename(path)) or \
+                (port is None and os.path.getmtime(path) >= since):
+            try:
+                os.unlink(path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _run_and_clean(cmd, timeout, cwd):
+    import subprocess
+
+    port = next((str(cmd[i + 1]) for i, c in enumerate(cmd[:-1]) if str(c) == "--master_port"), None)
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    finally:
+        if port is not None:
+            remove_shm_buffers(port)

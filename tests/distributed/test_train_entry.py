@@ -100,3 +100,22 @@ def test_local_checkpoint_is_partitioned_at_load_under_zero3(tmp_path):
                    .split(" of ")]
     assert 0 < held < total  # this process holds a shard, not the model
     assert os.path.isfile(out / "adapter" / "adapter_model.safetensors")
+
+
+def test_run_leaves_no_deepspeed_shm_buffers(tmp_path):
+    """DeepSpeed's CPU comm op leaks a 64 MB /dev/shm file per process and run; train.py removes its own.
+    (Launched without run_launch, which would clean up after it.)"""
+    import glob
+
+    from helpers import remove_shm_buffers
+
+    port = _port()
+    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(port), TRAIN,
+           "--output_dir", str(tmp_path / "out"), "--ds_config", "ds_configs/zero2.json", *TINY[:4],
+           "--max_steps", "4", "--interval", "2", "--eval_samples", "0"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    finally:
+        remove_shm_buffers(port)
