@@ -6,15 +6,20 @@ holding the controller's state_dict and this process's RNG states (dropout must 
 """
 from __future__ import annotations
 
+import glob
 import os
 import random
+import shutil
 from typing import Optional, Tuple
 
 import torch
 
+from .atomic import fsync_tree, replace_dir, write_text_atomically
 from .controller import BeamController
+from .failpoints import kill_point
 
 STATE_FILE = "beamlora_state_rank{rank}.pt"
+PARTIAL = ".partial"  # suffix of a checkpoint folder still being written
 
 
 def _rank() -> int:
@@ -25,19 +30,55 @@ def _rank() -> int:
 
 def save_checkpoint(engine, beam: BeamController, save_dir: str, tag: Optional[str] = None,
                     client_state: Optional[dict] = None) -> str:
-    """`engine.save_checkpoint` plus this process's BeamLoRA state; returns the tag. Call on every process.
+    """`engine.save_checkpoint` plus this process's BeamLoRA state, all or nothing; returns the tag. Call on every
+    process.
 
-    Our file is written first, so that DeepSpeed's `latest` pointer (written by save_checkpoint) never names
-    a tag without it.
+    Crash-safe: every process writes into `<tag>.partial`; once all have finished (DeepSpeed's closing barrier),
+    the folder is flushed to disk and renamed to `<tag>`, and only then does `latest` move to it. A process killed
+    at any moment leaves `latest` naming the previous complete checkpoint; the next save clears the leftovers.
     """
-    tag = tag or f"global_step{engine.global_steps}"
-    folder = os.path.join(save_dir, tag)
+    tag = str(tag or f"global_step{engine.global_steps}")
+    if tag in ("", ".", "..", "latest") or os.sep in tag or tag.endswith(PARTIAL):
+        raise ValueError(f"checkpoint tag {tag!r}: use a plain folder name (not 'latest', no '/', not ending in "
+                         f"{PARTIAL!r}).")
+    staging = tag + PARTIAL
+    folder = os.path.join(save_dir, staging)
+    owner = _owns_folders(engine)
+    if owner:  # leftovers of saves that were killed half-way
+        os.makedirs(save_dir, exist_ok=True)
+        for stale in glob.glob(os.path.join(glob.escape(save_dir), "*" + PARTIAL)):
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, STATE_FILE.format(rank=_rank()))
-    torch.save({"beamlora": beam.state_dict(), "rng": rng_state()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    engine.save_checkpoint(save_dir, tag=tag, client_state=client_state or {})
+    torch.save({"beamlora": beam.state_dict(), "rng": rng_state()}, path)
+    kill_point("checkpoint", engine.global_steps)
+    engine.save_checkpoint(save_dir, tag=staging, client_state=client_state or {}, save_latest=False)  # ends in a barrier
+    if owner:
+        fsync_tree(folder)
+        replace_dir(folder, os.path.join(save_dir, tag))
+        kill_point("latest", engine.global_steps)
+        write_text_atomically(os.path.join(save_dir, "latest"), tag)
+    _barrier()
     return tag
+
+
+def _owns_folders(engine) -> bool:
+    """The one process that renames folders and moves `latest`: global rank 0 on a shared file system, each
+    node's local rank 0 with DeepSpeed's node-local checkpoint storage."""
+    import deepspeed.comm as dist
+
+    if not dist.is_initialized():
+        return True
+    local = getattr(engine, "use_node_local_storage", lambda: False)()
+    return (engine.local_rank if local else dist.get_rank()) == 0
+
+
+def _barrier() -> None:
+    import deepspeed.comm as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[str] = None) -> Tuple[str, dict]:
@@ -47,6 +88,8 @@ def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[s
         _all_ranks_or_raise(os.path.isfile(latest), f"No checkpoint to resume in {load_dir!r}: it has no 'latest' file.")
         with open(latest) as f:
             tag = f.read().strip()
+    _all_ranks_or_raise(os.path.isdir(os.path.join(load_dir, tag)), f"{load_dir}/latest names {tag!r}, which is not a "
+                        "folder there: the checkpoint was moved or deleted. Point --output_dir at the run's folder.")
     state_path = os.path.join(load_dir, tag, STATE_FILE.format(rank=_rank()))
     _all_ranks_or_raise(os.path.isfile(state_path), f"{state_path} is missing on some process: the checkpoint {tag!r} "
                         "was not written by beamlora_ds.save_checkpoint with this number of processes.")

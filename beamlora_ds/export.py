@@ -34,7 +34,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .atomic import fsync_tree, replace_dir, umask
 from .checkpoint import STATE_FILE
+from .failpoints import kill_point
 from .inject import find_beamlora_modules, matches_target
 from .layer import BeamLoRALinear, rank_weights
 
@@ -316,40 +318,18 @@ def atomic_dir(out_dir: str, overwrite: bool) -> Iterator[str]:
     out_dir = os.path.abspath(out_dir)
     parent, base = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
+    for stale in glob.glob(os.path.join(parent, f".{glob.escape(base)}.partial-*")):  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=f".{base}.partial-", dir=parent)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        _move_into_place(tmp, out_dir)
+        os.chmod(tmp, 0o777 & ~umask())
+        fsync_tree(tmp)
+        kill_point("adapter")
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _move_into_place(tmp: str, out_dir: str) -> None:
-    if not os.path.exists(out_dir):
-        os.replace(tmp, out_dir)
-        return
-    if not os.listdir(out_dir):
-        os.rmdir(out_dir)
-        os.replace(tmp, out_dir)
-        return
-    parent, base = os.path.split(out_dir)
-    old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
-    os.rmdir(old)
-    os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)  # put the old folder back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ------------------------------------------------------------------------------------ save_adapter (live)

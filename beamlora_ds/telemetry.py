@@ -17,12 +17,25 @@ import numpy as np
 
 
 def read_resets(log_path: str) -> List[dict]:
-    with open(log_path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    resets = [r for r in records if r.get("type") == "reset" and not r.get("skipped")]
+    resets = [r for r in current_records(log_path) if r.get("type") == "reset" and not r.get("skipped")]
     if not resets:
         raise ValueError(f"{log_path} has no reset records: the run ended before its first reset (interval steps).")
     return resets
+
+
+def current_records(log_path: str) -> List[dict]:
+    """The log's records as of the run's final state: a `resume` record at step s supersedes what the
+    interrupted run logged after step s (those steps were redone from the checkpoint)."""
+    records: List[dict] = []
+    with open(log_path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if record.get("type") == "resume":
+                records = [r for r in records if r.get("step") is None or r["step"] <= record["step"]]
+            records.append(record)
+    return records
 
 
 def _natural_key(name: str):

@@ -44,7 +44,7 @@ def regression_batches(steps: int, seed: int = 0, batch: int = 16, model_seed: i
 NATIVE_CRASH = "terminate called without an active exception"
 
 
-def run_launch(cmd, timeout, cwd=None):
+def run_launch(cmd, timeout, cwd=None, env=None):
     """subprocess.run for multi-process launches, retried once on a native start-up/exit abort.
 
     On this CPU, gloo + DeepSpeed's shared-memory comm op have been seen (once in a few hundred launches) to abort
@@ -56,7 +56,7 @@ def run_launch(cmd, timeout, cwd=None):
     import subprocess
     import sys
 
-    proc = _run_and_clean(cmd, timeout, cwd)
+    proc = _run_and_clean(cmd, timeout, cwd, env)
     output = proc.stdout + proc.stderr
     if proc.returncode != 0 and NATIVE_CRASH in output and "Traceback" not in output:
         print(f"retrying a launch that aborted natively: {' '.join(map(str, cmd))[:200]}", file=sys.stderr)
@@ -65,7 +65,7 @@ def run_launch(cmd, timeout, cwd=None):
             port = str(s.getsockname()[1])
         cmd = [port if i > 0 and str(cmd[i - 1]) == "--master_port" else c for i, c in enumerate(cmd)]
         cmd = [re.sub(r"^--master_port=\d+$", f"--master_port={port}", str(c)) for c in cmd]
-        proc = _run_and_clean(cmd, timeout, cwd)
+        proc = _run_and_clean(cmd, timeout, cwd, env)
     return proc
 
 
@@ -91,12 +91,12 @@ def remove_shm_buffers(port=None, since: float = 0.0) -> int:
     return removed
 
 
-def _run_and_clean(cmd, timeout, cwd):
+def _run_and_clean(cmd, timeout, cwd, env=None):
     import subprocess
 
     port = next((str(cmd[i + 1]) for i, c in enumerate(cmd[:-1]) if str(c) == "--master_port"), None)
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
     finally:
         if port is not None:
             remove_shm_buffers(port)

@@ -1,0 +1,159 @@
+"""A run SIGKILLed at any moment resumes to exactly the run that was never killed (issue 8).
+
+One output folder per ZeRO stage is killed again and again, each time at a different moment, and resumed with
+--resume until the run finishes:
+  - named crash points (beamlora_ds/failpoints.py, the process SIGKILLs itself): in a step (between backward and
+    the optimizer step), right after a snapshot, in a reset (weights half edited), in a checkpoint write (one
+    process's files written, the other's not), between the checkpoint folder's rename and the `latest` update,
+    and in the adapter write;
+  - random moments: the whole launch (launcher and both workers) SIGKILLed from outside after a random delay, as a
+    preempted node would be (seed printed; KILL_RANDOM=N tries N of them per stage).
+After each kill: every checkpoint folder that is not `*.partial` is complete and loadable, and `latest` names one.
+At the end: the loss of every step (as the log stands after its resume records) and the final adapter equal an
+uninterrupted run of the same seed (fp32) within 1e-6.
+"""
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import torch
+from helpers import remove_shm_buffers, run_launch  # noqa: E402
+
+pytest.importorskip("deepspeed")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN = os.path.join(ROOT, "launch", "train.py")
+STEPS = 16
+RUN = ["--model_name_or_path", "builtin-tiny", "--lora_r", "8", "--max_steps", str(STEPS), "--interval", "4",
+       "--p0", "0.8", "--learning_rate", "3e-3", "--logging_steps", "1", "--eval_samples", "0", "--save_steps", "3"]
+# (crash point, rank that dies): snapshots at 2, 6, 10, 14; resets at 4, 8, 12; checkpoints every 3 steps and at 16
+NAMED_KILLS = ["step@5:1", "snapshot@6:0", "reset@8:1", "checkpoint@9:1", "latest@12:0", "RANDOM", "adapter"]
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(out_dir, stage, *extra):
+    return [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_port()), TRAIN,
+            "--ds_config", f"ds_configs/zero{stage}.json", "--output_dir", str(out_dir), *RUN, *extra]
+
+
+def _launch(out_dir, stage, *extra, kill_at=None):
+    env = {k: v for k, v in os.environ.items() if k != "BEAMLORA_DS_KILL_AT"}
+    if kill_at:
+        env["BEAMLORA_DS_KILL_AT"] = kill_at
+    return run_launch(_command(out_dir, stage, *extra), timeout=300, cwd=ROOT, env=env)
+
+
+def _launch_and_kill_after(out_dir, stage, delay, *extra):
+    """Start a launch in its own process group and SIGKILL the whole group after `delay` seconds."""
+    cmd = _command(out_dir, stage, *extra)
+    port = cmd[cmd.index("--master_port") + 1]
+    env = {k: v for k, v in os.environ.items() if k != "BEAMLORA_DS_KILL_AT"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        proc.wait(timeout=delay)
+        killed = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed = True
+    time.sleep(0.5)  # let the kernel reap the workers before their shm files are removed
+    remove_shm_buffers(port)
+    return killed
+
+
+def _records(out_dir):
+    from beamlora_ds.telemetry import current_records
+
+    return current_records(os.path.join(out_dir, "log.jsonl"))
+
+
+def _losses(out_dir):
+    return {r["step"]: r["loss"] for r in _records(out_dir) if r["type"] == "train"}
+
+
+def _adapter(out_dir):
+    from safetensors.torch import load_file
+
+    folder = os.path.join(out_dir, "adapter")
+    return {name: load_file(os.path.join(folder, name)) for name in ("adapter_model.safetensors",
+                                                                     "beamlora_state.safetensors")}
+
+
+def _check_checkpoints(out_dir, expected_files):
+    """Every published tag folder is complete and loads; `latest` names one of them."""
+    ckpt = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(ckpt):
+        return None
+    tags = [d for d in os.listdir(ckpt) if os.path.isdir(os.path.join(ckpt, d)) and not d.endswith(".partial")]
+    for tag in tags:
+        files = set(os.listdir(os.path.join(ckpt, tag)))
+        assert expected_files <= files, f"{tag} is incomplete: missing {sorted(expected_files - files)}"
+        for name in files:
+            if name.endswith(".pt"):
+                torch.load(os.path.join(ckpt, tag, name), map_location="cpu", weights_only=False)
+    if os.path.isfile(os.path.join(ckpt, "latest")):
+        with open(os.path.join(ckpt, "latest")) as f:
+            latest = f.read()
+        assert latest in tags, f"latest names {latest!r}, not a complete checkpoint ({tags})"
+        return int(latest.replace("global_step", ""))
+    return None
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path, stage):
+    reference = tmp_path / "reference"
+    proc = _launch(reference, stage)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    expected_losses, expected_adapter = _losses(reference), _adapter(reference)
+    assert sorted(expected_losses) == list(range(1, STEPS + 1))
+    expected_files = {n for n in os.listdir(reference / "checkpoints" / f"global_step{STEPS}") if n.endswith(".pt")}
+    assert {"beamlora_state_rank0.pt", "beamlora_state_rank1.pt"} <= expected_files
+
+    seed = int(os.environ.get("KILL_SEED", random.randrange(10**6)))
+    rng = random.Random(seed)
+    print(f"KILL_SEED={seed}")
+    kills = [k for k in NAMED_KILLS if k != "RANDOM"]
+    kills[5:5] = ["RANDOM"] * int(os.environ.get("KILL_RANDOM", "1"))
+    out = tmp_path / "killed"
+    latest_steps, random_kills = [], 0
+    for i, kill in enumerate(kills):
+        resume = ["--resume"] if i > 0 else []
+        had_adapter = os.path.exists(out / "adapter")  # only if a random kill came after the run had finished
+        if kill == "RANDOM":  # anywhere from start-up to the last steps of what remains
+            random_kills += _launch_and_kill_after(out, stage, rng.uniform(4.0, 25.0), *resume)
+        else:
+            proc = _launch(out, stage, *resume, kill_at=kill)
+            output = proc.stdout + proc.stderr
+            assert proc.returncode != 0 and "return code = -9" in output, f"no SIGKILL at {kill}:\n{output[-3000:]}"
+        latest_steps.append(_check_checkpoints(out, expected_files))
+        if kill == "adapter":
+            assert os.path.exists(out / "adapter") == had_adapter, "a killed adapter write published a folder"
+    print(f"stage {stage}: kills {kills}, latest after each {latest_steps}, random kills that landed {random_kills}")
+    assert latest_steps[:5] == [3, 3, 6, 6, 9]  # each named kill left the previous complete checkpoint
+    proc = _launch(out, stage, "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    losses = _losses(out)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step, loss in expected_losses.items():
+        assert abs(losses[step] - loss) <= 1e-6, (step, losses[step], loss)
+    adapter = _adapter(out)
+    for name, tensors in expected_adapter.items():
+        assert tensors.keys() == adapter[name].keys()
+        for key, value in tensors.items():
+            assert torch.allclose(adapter[name][key], value, rtol=0, atol=1e-6), (name, key)
+    assert [r["step"] for r in _records(out) if r["type"] == "reset"] == [4, 8, 12]
+    assert not glob.glob(str(out / ".adapter.partial-*")) and not glob.glob(str(out / "checkpoints" / "*.partial"))
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8
