@@ -15,6 +15,7 @@ import torch
 from . import beam
 from .access import PlatformAccess, RankStats, TorchAccess
 from .config import BeamLoRAConfig
+from .failpoints import kill_point
 from .layer import BeamLoRALinear
 
 logger = logging.getLogger(__name__)
@@ -39,22 +40,30 @@ class BeamController:
         self._snapshot_step: Optional[int] = None
         self._access: Optional[PlatformAccess] = None
         self._access_owner: Optional[int] = None
+        self._nonfinite_loss_step: Optional[int] = None  # first step since the last reset with a NaN/Inf loss
 
     # ------------------------------------------------------------------------------------------ stepping
-    def step(self, optimizer_or_engine) -> Optional[dict]:
+    def step(self, optimizer_or_engine, loss=None) -> Optional[dict]:
         """Advance one optimizer step; snapshot or reset when the schedule says. Returns the reset record, if any.
 
-        With a DeepSpeed engine, call it after every `engine.step()`: calls that did not update the weights
-        (between gradient-accumulation boundaries, or an fp16 overflow) are ignored.
+        With a DeepSpeed engine, call it after every `engine.step()` (or once per optimizer step, after the last
+        micro-step's): calls that did not update the weights (between gradient-accumulation boundaries, or an
+        fp16 overflow that DeepSpeed skipped) are ignored. `loss`, optional, is the step's loss and must be the same
+        number on every process (e.g. averaged over them): a NaN/Inf loss cancels the next reset, so weights a bad
+        step may have corrupted are never copied into other ranks.
         """
         if _is_deepspeed_engine(optimizer_or_engine) and not optimizer_or_engine.was_step_applied():
             return None  # a micro-step inside gradient accumulation, or an fp16 overflow: no optimizer step
         access = self._access_for(optimizer_or_engine)
         self.global_step += 1
         t, cfg = self.global_step, self.config
+        if loss is not None and self._nonfinite_loss_step is None and not math.isfinite(float(loss)):
+            self._nonfinite_loss_step = t
+            logger.warning("BeamLoRA: non-finite loss (%s) at step %d; the next reset will be skipped", float(loss), t)
         record = None
         if beam.is_snapshot_step(t, cfg.interval, cfg.total_steps):
             self._snapshot, self._snapshot_step = access.snapshot(), t
+            kill_point("snapshot", t)
         if beam.is_reset_step(t, cfg.interval, cfg.total_steps):
             record = self._reset(access, t)
         return record
@@ -86,10 +95,15 @@ class BeamController:
         keep = beam.keep_fraction(step, cfg.p0, cfg.resolved_t_end)
         stats = access.rank_stats(with_norms=cfg.importance == "norm")
         logits, importance = stats.logits, self._importance(stats)
-        if not (torch.isfinite(importance).all() and torch.isfinite(logits).all()):
-            record = {"step": step, "keep_fraction": keep, "skipped": "non-finite score or importance",
-                      "pruned": [], "sources": []}
-            logger.warning("BeamLoRA reset at step %d skipped: non-finite scores or importances; training goes on", step)
+        skipped = None
+        if self._nonfinite_loss_step is not None:
+            skipped = f"non-finite loss at step {self._nonfinite_loss_step}"
+        elif not (torch.isfinite(importance).all() and torch.isfinite(logits).all()):
+            skipped = "non-finite score or importance"
+        self._nonfinite_loss_step = None
+        if skipped:
+            record = {"step": step, "keep_fraction": keep, "skipped": skipped, "pruned": [], "sources": []}
+            logger.warning("BeamLoRA reset at step %d skipped (%s); training goes on", step, skipped)
             self.history.append(record)
             return record
         if self._snapshot is None:
@@ -101,6 +115,7 @@ class BeamController:
                                "(different scores or plans on different ranks); refusing to apply it.")
         new_logits = {p.module_index: beam.average_scores(logits[p.module_index], p.targets, p.sources) for p in plans}
         access.apply_reset(plans, new_logits, self._snapshot, inherit_moments=cfg.optimizer_state == "inherit")
+        kill_point("reset", step)
         access.zero_score_moments()
         self._snapshot, self._snapshot_step = None, None  # free host memory until the next snapshot
         record = self._record(step, keep, plans, importance, new_logits, access)
@@ -136,7 +151,8 @@ class BeamController:
         """
         return {"version": STATE_VERSION, "global_step": self.global_step, "config": self.config.to_dict(),
                 "module_names": list(self.module_names), "snapshot": self._snapshot,
-                "snapshot_step": self._snapshot_step, "history": list(self.history)}
+                "snapshot_step": self._snapshot_step, "history": list(self.history),
+                "nonfinite_loss_step": self._nonfinite_loss_step}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -154,6 +170,7 @@ class BeamController:
         self._snapshot = state["snapshot"]
         self._snapshot_step = state["snapshot_step"]
         self.history = list(state["history"])
+        self._nonfinite_loss_step = state.get("nonfinite_loss_step")
 
 
 def make_access(modules, optimizer_or_engine) -> PlatformAccess:

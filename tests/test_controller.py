@@ -210,6 +210,32 @@ def test_non_finite_scores_skip_the_reset_and_training_goes_on():
     assert torch.equal(beam.modules[1].lora_A, before_A)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), torch.tensor(float("-inf"))])
+def test_non_finite_loss_skips_only_the_next_reset(bad):
+    """A NaN/Inf loss between two resets cancels the next one (even with finite scores), says why, and the
+    reset after it runs as in a run that never saw the bad loss; the flag survives a state_dict round trip."""
+    batches = regression_batches(16)
+    model, beam, opt = make_run()
+    clean_model, clean_beam, clean_opt = make_run()
+    for t, b in enumerate(batches, start=1):
+        loss = train_step(model, opt, b)
+        train_step(clean_model, clean_opt, b)
+        if t == 6:
+            state = beam.state_dict()
+        record = beam.step(opt, loss=bad if t == 5 else loss)
+        clean_record = clean_beam.step(clean_opt, loss=loss)
+        if t == 6:
+            assert beam.state_dict()["nonfinite_loss_step"] == 5 and state["nonfinite_loss_step"] == 5
+        if t == 8:
+            assert record["skipped"] == "non-finite loss at step 5" and record["pruned"] == []
+            assert clean_record["pruned"]  # the same step without the bad loss does prune
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), clean_model.parameters())) is False
+            model.load_state_dict(clean_model.state_dict())  # re-align weights to compare the next reset
+            opt.load_state_dict(copy.deepcopy(clean_opt.state_dict()))
+    assert [r["step"] for r in beam.history] == [8, 16]
+    assert not beam.history[1].get("skipped") and beam.history[1]["pruned"] == clean_beam.history[1]["pruned"]
+
+
 def test_optimizer_without_adapter_params_is_refused():
     model, beam, _ = make_run()
     other = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
