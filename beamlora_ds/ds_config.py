@@ -64,13 +64,25 @@ def resolve_auto(config: Dict[str, Any], *, world_size: int, micro_batch: Option
     config = copy.deepcopy(config)
     micro = _settle(config, "train_micro_batch_size_per_gpu", micro_batch, "--per_device_train_batch_size", "")
     accum = _settle(config, "gradient_accumulation_steps", accumulation, "--gradient_accumulation_steps", "")
+    for key, value, flag in (("train_micro_batch_size_per_gpu", micro, "--per_device_train_batch_size"),
+                             ("gradient_accumulation_steps", accum, "--gradient_accumulation_steps")):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise DSConfigError(f"{key}={value!r}: must be a positive integer. Fix it in the DeepSpeed config, or set "
+                                f"it to \"auto\" and pass {flag}.")
     global_batch = micro * accum * world_size
-    if config.get("train_batch_size", "auto") == "auto":
+    total = config.get("train_batch_size", "auto")
+    if total == "auto":
         config["train_batch_size"] = global_batch
-    elif config["train_batch_size"] != global_batch:
-        raise DSConfigError(f"train_batch_size={config['train_batch_size']} in the DeepSpeed config is not "
-                            f"micro-batch {micro} x accumulation {accum} x {world_size} processes = {global_batch}. "
-                            "Set it to \"auto\" or fix the product (the world size must divide it).")
+    elif not (isinstance(total, int) and not isinstance(total, bool) and total >= 1 and total % world_size == 0):
+        raise DSConfigError(f"train_batch_size={total!r} in the DeepSpeed config cannot be split over {world_size} "
+                            f"processes: it must be a positive multiple of the world size. Set it to \"auto\" "
+                            f"(here: micro-batch {micro} x accumulation {accum} x {world_size} processes = "
+                            f"{global_batch}), or to such a multiple.")
+    elif total != global_batch:
+        raise DSConfigError(f"train_batch_size={total} in the DeepSpeed config is not micro-batch {micro} x "
+                            f"accumulation {accum} x {world_size} processes = {global_batch}. Set it to \"auto\" or "
+                            f"{global_batch}, or change --per_device_train_batch_size / --gradient_accumulation_steps "
+                            f"(or their config values) so the product is {total}.")
     _settle(config, "gradient_clipping", max_grad_norm, "--max_grad_norm", "")
     for section in ("bf16", "fp16"):
         if section in config and config[section].get("enabled") == "auto":

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Tuple
 
 from torch import nn
 
@@ -27,6 +27,24 @@ def apply(model: nn.Module, config: BeamLoRAConfig) -> BeamController:
     config.validate()
     if find_beamlora_modules(model):
         raise ValueError("This model already has BeamLoRA modules; apply() once per model.")
+    matched = check_targets(model, config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped: Dict[str, BeamLoRALinear] = {}
+    for name, module in matched:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = BeamLoRALinear(module, r=config.r, alpha=config.alpha, dropout=config.dropout, tau=config.tau)
+        setattr(parent, child, layer)
+        wrapped[name] = layer
+    return BeamController(wrapped, config)
+
+
+def check_targets(model: nn.Module, config: BeamLoRAConfig) -> List[Tuple[str, nn.Module]]:
+    """The (name, layer) pairs apply() would wrap; raises as apply() does when nothing matches, a match is not a
+    linear layer, or r does not fit a layer. Uses only names and shapes, changes nothing: it works on a weightless
+    meta-device skeleton (models.meta_skeleton), which is how train.py refuses these before loading any weights.
+    """
     matched = [(name, module) for name, module in model.named_modules()
                if name and matches_target(name, config.target_modules)]
     if not matched:
@@ -41,17 +59,7 @@ def apply(model: nn.Module, config: BeamLoRAConfig) -> BeamController:
     if too_small:
         raise ValueError(f"r={config.r} is larger than the smaller dimension of {too_small[:5]}. Lower r or "
                          "leave those layers out of target_modules.")
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    wrapped: Dict[str, BeamLoRALinear] = {}
-    for name, module in matched:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = BeamLoRALinear(module, r=config.r, alpha=config.alpha, dropout=config.dropout, tau=config.tau)
-        setattr(parent, child, layer)
-        wrapped[name] = layer
-    return BeamController(wrapped, config)
+    return matched
 
 
 def find_beamlora_modules(model: nn.Module) -> Dict[str, BeamLoRALinear]:

@@ -66,15 +66,41 @@ def load_model(path: str, dtype: torch.dtype, ds_config: dict) -> torch.nn.Modul
     return model
 
 
-def _tiny_llama(dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def meta_skeleton(path: str) -> torch.nn.Module:
+    """The model `load_model(path, ...)` would return, built from its config on the meta device: every module with
+    its real name and shape, no weight read or allocated. For checks that need the architecture only (which layers
+    target_modules match, whether r fits them) before the expensive load. Call it before `load_model` under
+    ZeRO-3: a live HfDeepSpeedConfig would make transformers partition the skeleton with zero.Init.
+    Raises OSError when `path` has no readable config (the load would fail the same way).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise RuntimeError("meta_skeleton() while a ZeRO-3 HfDeepSpeedConfig is alive would partition it with "
+                           "zero.Init: build the skeleton before load_model.")
+    with torch.device("meta"):
+        if path == BUILTIN_TINY:
+            return LlamaForCausalLM(tiny_llama_config())
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+
+
+def tiny_llama_config():
+    """The built-in tiny model's architecture (a 2-layer Llama over the character tokenizer's vocabulary)."""
+    from transformers import LlamaConfig
 
     tokenizer = char_tokenizer()
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+
+
+def _tiny_llama(dtype: torch.dtype):
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama_config()
     torch.manual_seed(1234)  # identical weights on every process
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
     return LlamaForCausalLM(config).to(dtype)
 
 

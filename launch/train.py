@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 
@@ -23,10 +24,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import beamlora_ds  # noqa: E402
 from beamlora_ds import data as data_lib  # noqa: E402
 from beamlora_ds import ds_config as dsc  # noqa: E402
+from beamlora_ds import inject  # noqa: E402
 from beamlora_ds import models  # noqa: E402
 from beamlora_ds import quant  # noqa: E402  (issue 5: 4-bit bases)
 from beamlora_ds.config import LLAMA_PROJECTIONS, BeamLoRAConfig  # noqa: E402
 from beamlora_ds.evaluate import exact_match  # noqa: E402
+from beamlora_ds.failpoints import kill_point  # noqa: E402
 
 logger = logging.getLogger("beamlora_ds.train")
 
@@ -143,6 +146,104 @@ def check_output_dir(args):
     return ckpt_dir
 
 
+# (flag, smallest valid value, what it means) of numeric options no DeepSpeed config or model can fix
+_AT_LEAST = (("logging_steps", 1, "log every N optimizer steps"),
+             ("save_steps", 0, "checkpoint every N optimizer steps; 0: only at the end"),
+             ("stop_after", 0, "checkpoint and exit after optimizer step N; 0: run to the end"),
+             ("max_length", 1, "tokens per example"),
+             ("eval_samples", 0, "held-out questions; 0: no evaluation"),
+             ("per_device_train_batch_size", 1, "examples per process per micro-step"),
+             ("gradient_accumulation_steps", 1, "micro-steps per optimizer step"),
+             ("dist_timeout", 1, "seconds"))
+
+
+def check_arguments(args):
+    """Option values no run can use, refused before anything is read."""
+    for key, low, meaning in _AT_LEAST:
+        value = getattr(args, key)
+        if value is not None and value < low:
+            raise UsageError(f"--{key} {value} is out of range: use an integer >= {low} ({meaning}).")
+    if not 0 <= args.warmup_ratio < 1:
+        raise UsageError(f"--warmup_ratio {args.warmup_ratio} is out of range: use a fraction of the run in [0, 1).")
+    if not args.learning_rate > 0:
+        raise UsageError(f"--learning_rate {args.learning_rate}: use a positive learning rate (e.g. 3e-4).")
+    if args.max_steps <= 0 and not args.num_train_epochs > 0:
+        raise UsageError(f"--num_train_epochs {args.num_train_epochs} with no --max_steps: the run would have no "
+                         "step. Give a positive --num_train_epochs or --max_steps.")
+    try:
+        filled = args.prompt_template.format(prompt="\0")
+    except (KeyError, IndexError, ValueError) as e:
+        raise UsageError(f"--prompt_template {args.prompt_template!r} cannot be filled ({type(e).__name__}: {e}): "
+                         "its only field may be {prompt}; write literal braces as {{ and }}.") from e
+    if "\0" not in filled:
+        raise UsageError(f"--prompt_template {args.prompt_template!r} has no {{prompt}}: add {{prompt}} where the "
+                         "example's prompt goes (default: 'Question: {prompt}\\nAnswer: ').")
+    if args.dataset and os.path.isfile(args.dataset) and _blank(args.dataset):
+        raise UsageError(f"--dataset {args.dataset!r} is an empty file: add examples with a {args.prompt_field!r} and "
+                         f"a {args.response_field!r} field (or point --dataset at another file).")
+
+
+def _blank(path: str) -> bool:
+    """Whether a file holds nothing but whitespace (reads only up to its first other character)."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            if chunk.strip():
+                return False
+    return True
+
+
+# BeamLoRAConfig fields and the flags that set them, to name the flag in a refusal
+_CONFIG_FLAGS = {"r": "--lora_r", "alpha": "--lora_alpha", "dropout": "--lora_dropout", "tau": "--tau", "p0": "--p0",
+                 "interval": "--interval", "t_end": "--t_end", "target_modules": "--target_modules",
+                 "optimizer_state": "--optimizer_state", "importance": "--importance", "seed": "--seed"}
+
+
+def make_beam_config(args, total_steps: int) -> BeamLoRAConfig:
+    """The validated BeamLoRAConfig of this run; its problems refused on one line, by flag name."""
+    targets = args.target_modules[3:] if args.target_modules.startswith("re:") else args.target_modules.split(",")
+    config = BeamLoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, tau=args.tau,
+                            target_modules=targets, interval=args.interval, p0=args.p0, t_end=args.t_end,
+                            total_steps=total_steps, optimizer_state=args.optimizer_state,
+                            importance=args.importance, seed=args.seed)
+    try:
+        return config.validate()
+    except beamlora_ds.ConfigError as e:
+        problems = str(e).split("\n  - ")[1:] or [str(e)]
+        raise UsageError("; ".join(_by_flag(p) for p in problems)) from e
+
+
+def _by_flag(problem: str) -> str:
+    """'r=0: ...' -> '--lora_r=0: ...': a refusal names the flag the user typed, not the config field."""
+    return re.sub(r"^(\w+)=", lambda m: f"{_CONFIG_FLAGS.get(m[1], m[1])}=", problem)
+
+
+def check_zero_support(ds_config: dict):
+    """ZeRO settings BeamLoRA cannot work under; zero_access would refuse them only at the first reset."""
+    offload = ds_config.get("zero_optimization", {}).get("offload_param", {}) or {}
+    if str(offload.get("device", "")).lower() == "nvme":
+        raise UsageError("zero_optimization.offload_param.device is \"nvme\": BeamLoRA cannot edit parameters "
+                         "swapped out to NVMe. Set offload_param.device to \"cpu\" (offload_optimizer may stay on "
+                         "NVMe), e.g. as in ds_configs/zero3_offload.json.")
+
+
+def check_targets_before_loading(path: str, beam_config: BeamLoRAConfig):
+    """Targets that match nothing, or an r too large for a layer, found on a weightless (meta-device) skeleton
+    built from the model's config, before any weight is read; beamlora_ds.apply checks the loaded model again."""
+    try:
+        skeleton = models.meta_skeleton(path)
+    except OSError as e:  # no readable config: loading the weights would fail the same way
+        raise UsageError(f"--model_name_or_path {path!r}: cannot read the model's config ({e}). Pass a local "
+                         "folder holding config.json, or a hub name (cached, or with network access).") from e
+    except Exception as e:  # an architecture the skeleton cannot be built for: apply() still checks after loading
+        logger.warning("could not build %s on the meta device to check --target_modules before loading (%s: %s); "
+                       "they are checked after loading", path, type(e).__name__, e)
+        return
+    try:
+        inject.check_targets(skeleton, beam_config)
+    except (ValueError, TypeError) as e:
+        raise UsageError(_by_flag(str(e))) from e
+
+
 # (rank, world size, local rank) variables of launchers that do not set RANK/WORLD_SIZE themselves
 _LAUNCHER_RANK_VARS = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
                        ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
@@ -231,7 +332,7 @@ def main(argv=None):
         run(argv)
     except (UsageError, dsc.DSConfigError, data_lib.DataError, beamlora_ds.ConfigError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
         sys.exit(2)
 
 
@@ -242,33 +343,52 @@ def run(argv=None):
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "beamlora_ds.controller"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # resets get their own line in the progress output
     # -------------------------------------------------------------- cheap checks first, nothing loaded yet
+    check_arguments(args)
+    # the run's length is known once the data is read; until then a stand-in long enough for any valid interval
+    early_beam_config = make_beam_config(args, args.max_steps if args.max_steps > 0 else max(2 * args.interval, 1))
     raw_config = dsc.load_ds_config(args.ds_config)
     stage = dsc.zero_stage(raw_config)
+    check_zero_support(raw_config)
     ckpt_dir = check_output_dir(args)
-    rank, world = init_distributed(args)
-    import deepspeed
-    import deepspeed.comm as dist
 
-    config = dsc.resolve_auto(raw_config, world_size=world,
-                              micro_batch=from_cli(args, "per_device_train_batch_size", raw_config,
-                                                   "train_micro_batch_size_per_gpu", args.per_device_train_batch_size),
-                              accumulation=from_cli(args, "gradient_accumulation_steps", raw_config,
-                                                    "gradient_accumulation_steps", 1),
-                              max_grad_norm=from_cli(args, "max_grad_norm", raw_config, "gradient_clipping", 1.0),
-                              bf16=args.bf16, learning_rate=args.learning_rate,
-                              weight_decay=args.weight_decay, total_steps=None, warmup_steps=None, hidden_size=None,
-                              persistence_threshold=None)
+    def first_pass(world):
+        return dsc.resolve_auto(raw_config, world_size=world,
+                                micro_batch=from_cli(args, "per_device_train_batch_size", raw_config,
+                                                     "train_micro_batch_size_per_gpu",
+                                                     args.per_device_train_batch_size),
+                                accumulation=from_cli(args, "gradient_accumulation_steps", raw_config,
+                                                      "gradient_accumulation_steps", 1),
+                                max_grad_norm=from_cli(args, "max_grad_norm", raw_config, "gradient_clipping", 1.0),
+                                bf16=args.bf16, learning_rate=args.learning_rate,
+                                weight_decay=args.weight_decay, total_steps=None, warmup_steps=None, hidden_size=None,
+                                persistence_threshold=None)
+
+    # with the world size the launcher announces: refused here, no process waits for the others to start
+    launched_world = int({**os.environ, **rank_environment(dict(os.environ))}.get("WORLD_SIZE", 1))
+    config = first_pass(launched_world)
     micro, accum = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
     bf16 = bool(config.get("bf16", {}).get("enabled", False))
     if config.get("fp16", {}).get("enabled") is True:
-        raise UsageError("fp16 training is not supported by launch/train.py yet; use bf16 (or fp32).")
+        raise UsageError("The DeepSpeed config enables fp16, which launch/train.py does not support yet: set "
+                         "fp16.enabled to false and train in bf16 (--bf16, bf16.enabled true or \"auto\") or fp32.")
     if args.quantization == "nf4":  # 4-bit: refuse what cannot work before anything is loaded
         try:
             quant.check_4bit_request(config, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
         except quant.QuantizationError as e:
             raise UsageError(str(e)) from e
+    if stage == 0 and bf16:  # controller.make_access would refuse it only at the first beam.step
+        raise UsageError("ZeRO stage 0 with bf16: BeamLoRA cannot edit DeepSpeed's private fp32 copies there. Set "
+                         "zero_optimization.stage to 1, 2 or 3 (e.g. --ds_config ds_configs/zero2.json), or train "
+                         "in fp32 (no --bf16, bf16.enabled false).")
+    rank, world = init_distributed(args)
+    import deepspeed
+    import deepspeed.comm as dist
+
+    if world != launched_world:
+        config = first_pass(world)
     name = models.resolve_builtin(args.model_name_or_path)
     path = models.model_path(name, rank, barrier=dist.barrier)
+    check_targets_before_loading(path, early_beam_config)
     tokenizer = models.load_tokenizer(path)
     rows = data_lib.load_examples(args.dataset, args.dataset_split, args.prompt_field, args.response_field,
                                   seed=args.seed)
@@ -279,11 +399,7 @@ def run(argv=None):
                          f"{world} processes; lower the batch size or add data.")
     total_steps = args.max_steps if args.max_steps > 0 else int(per_epoch * args.num_train_epochs)
     warmup = int(args.warmup_ratio * total_steps)
-    targets = args.target_modules[3:] if args.target_modules.startswith("re:") else args.target_modules.split(",")
-    beam_config = BeamLoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, tau=args.tau,
-                                 target_modules=targets, interval=args.interval, p0=args.p0, t_end=args.t_end,
-                                 total_steps=total_steps, optimizer_state=args.optimizer_state,
-                                 importance=args.importance, seed=args.seed).validate()
+    beam_config = make_beam_config(args, total_steps)
     # ------------------------------------------------------------------------------------ model and engine
     torch.manual_seed(args.seed)
     if args.quantization == "nf4":
@@ -341,7 +457,10 @@ def run(argv=None):
         return score
 
     log = RunLog(args, rank, total_steps, start_step)
+    if args.resume:  # records after this step in the log are from the interrupted run and are superseded
+        log.write({"type": "resume", "step": start_step}, f"resumed from the checkpoint of step {start_step}")
     before = evaluate("before") if start_step == 0 else None
+    saved_step = start_step if args.resume else None
     # ---------------------------------------------------------------------------------------------- train
     batches = data_lib.micro_batches(len(examples), micro, world, rank, args.seed, start_micro_step=start_step * accum)
     tick = time.time()
@@ -352,19 +471,26 @@ def run(argv=None):
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             loss = engine(**batch).loss
             engine.backward(loss)
+            kill_point("step", step)
             engine.step()
-            record = beam.step(engine)
             tokens += int(batch["attention_mask"].sum()) * world
             losses.append(loss.item())
+        loss_value, lr = sum(losses) / len(losses), engine.get_lr()[0]
+        if world > 1:  # the loss of the whole global batch (mean over processes), not rank 0's share
+            loss_value = float(_all_reduce(dist, torch.tensor([loss_value]), engine.device)[0]) / world
+        if not math.isfinite(loss_value):
+            log.write({"type": "nonfinite_loss", "step": step, "loss": str(loss_value),
+                       "skipped_by_deepspeed": not engine.was_step_applied()},
+                      f"non-finite loss ({loss_value}) at step {step}: "
+                      + ("DeepSpeed skipped the update (fp16 overflow)" if not engine.was_step_applied()
+                         else "the next BeamLoRA reset will be skipped"))
+        record = beam.step(engine, loss=loss_value)  # the same loss on every process: they skip resets together
         if record is not None:
             log.write({"type": "reset", **_jsonable(record)},
                       f"reset at step {record['step']}: keep-fraction {record['keep_fraction']:.4f}, "
                       f"{len(record['pruned'])} ranks pruned in {len({n for n, _ in record['pruned']})} modules"
                       + (f" (skipped: {record['skipped']})" if record.get("skipped") else ""))
         now = time.time()
-        loss_value, lr = sum(losses) / len(losses), engine.get_lr()[0]
-        if world > 1:  # log the loss of the whole global batch (mean over processes), not rank 0's share
-            loss_value = float(_all_reduce(dist, torch.tensor([loss_value]), engine.device)[0]) / world
         log.progress(loss_value, lr, tokens / max(now - tick, 1e-9))
         if step % args.logging_steps == 0 or step == total_steps:
             log.write({"type": "train", "step": step, "loss": loss_value, "lr": lr,
@@ -372,14 +498,17 @@ def run(argv=None):
         tick = now
         if args.save_steps and step % args.save_steps == 0 and step < total_steps:
             beamlora_ds.save_checkpoint(engine, beam, ckpt_dir)
+            saved_step = step
         if step == args.stop_after and step < total_steps:
-            beamlora_ds.save_checkpoint(engine, beam, ckpt_dir)
+            if saved_step != step:
+                beamlora_ds.save_checkpoint(engine, beam, ckpt_dir)
             log.close()
             log.write({"type": "stopped", "step": step}, f"stopped after step {step}; continue with --resume")
             release_shm_buffers(dist)
             return
     log.close()
-    beamlora_ds.save_checkpoint(engine, beam, ckpt_dir)
+    if saved_step != total_steps:  # (a run resumed from its final checkpoint only rewrites the adapter)
+        beamlora_ds.save_checkpoint(engine, beam, ckpt_dir)
     adapter_dir = os.path.join(args.output_dir, "adapter")
     beamlora_ds.save_adapter(engine, adapter_dir, base_model_name_or_path=path, overwrite=True)
     after = evaluate("after")

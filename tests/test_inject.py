@@ -63,3 +63,31 @@ def test_apply_twice_is_refused():
     apply(model, cfg())
     with pytest.raises(ValueError, match="already"):
         apply(model, cfg())
+
+
+@pytest.mark.parametrize("name", ["builtin-tiny", None])  # None: the real SmolLM2-135M when installed
+def test_meta_skeleton_check_refuses_what_apply_refuses_on_the_loaded_model(name):
+    """train.py's pre-check (check_targets on a weightless skeleton) must agree with apply() on the real weights:
+    the same refusals word for word, and the same layers accepted."""
+    from beamlora_ds import models
+    from beamlora_ds.config import LLAMA_PROJECTIONS
+    from beamlora_ds.inject import check_targets, matches_target
+
+    path = models.model_path(models.resolve_builtin(name))
+    skeleton = models.meta_skeleton(path)
+    real = models.load_model(path, torch.float32, {})
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert {n: p.shape for n, p in skeleton.named_parameters()} == {n: p.shape for n, p in real.named_parameters()}
+    smallest = min(min(m.in_features, m.out_features) for n, m in real.named_modules()
+                   if isinstance(m, torch.nn.Linear) and matches_target(n, LLAMA_PROJECTIONS))
+    refused = [cfg(target_modules=["query_key_value"]), cfg(target_modules=r"layers\.9+\.q_proj"),
+               cfg(target_modules=["embed_tokens"]), cfg(r=smallest + 1, alpha=2.0 * smallest)]
+    for config in refused:
+        with pytest.raises((ValueError, TypeError)) as by_apply:
+            apply(real, config)
+        with pytest.raises(type(by_apply.value)) as by_skeleton:
+            check_targets(skeleton, config)
+        assert str(by_skeleton.value) == str(by_apply.value)
+    accepted = cfg(r=smallest, alpha=2.0 * smallest)  # the largest r that fits every target
+    names = [n for n, _ in check_targets(skeleton, accepted)]
+    assert names == apply(real, accepted).module_names and len(names) == 7 * real.config.num_hidden_layers

@@ -18,57 +18,142 @@ def _port():
         return s.getsockname()[1]
 
 
+def _write_json(path, value):
+    path.write_text(json.dumps(value))
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
     (d / "bad.json").write_text('{"zero_optimization": {"stage": 2,}}')
-    (d / "micro2.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}))
+    _write_json(d / "list.json", [{"zero_optimization": {"stage": 2}}])
+    _write_json(d / "micro2.json", {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}})
+    _write_json(d / "bf16_off.json", {"bf16": {"enabled": False}, "zero_optimization": {"stage": 2}})
+    _write_json(d / "stage4.json", {"zero_optimization": {"stage": 4}})
+    _write_json(d / "stage0.json", {"bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 0}})
+    _write_json(d / "nvme.json", {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme",
+                                                                                       "nvme_path": "/local_nvme"}}})
+    _write_json(d / "fp16.json", {"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}})
+    _write_json(d / "tbs6.json", {"train_batch_size": 6, "zero_optimization": {"stage": 2}})
+    _write_json(d / "tbs3.json", {"train_batch_size": 3, "zero_optimization": {"stage": 2}})
     (d / "fields.jsonl").write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n")
     (d / "empty.jsonl").write_text("")
     (d / "ok.jsonl").write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "response": str(i + 1)}) + "\n"
                                         for i in range(40)))
     (d / "full").mkdir()
     (d / "full" / "keep.txt").write_text("user data")
+    # a finished run's output dir, trained with --lora_r 4 (the cases below ask for 8)
+    (d / "resumable" / "checkpoints" / "global_step4").mkdir(parents=True)
+    (d / "resumable" / "checkpoints" / "latest").write_text("global_step4")
+    (d / "resumable" / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt").write_bytes(bytes(range(256)))
+    (d / "resumable" / "log.jsonl").write_text('{"type": "train", "step": 4, "loss": 1.5}\n')
+    _write_json(d / "resumable" / "run_args.json", {"model_name_or_path": "builtin-tiny", "lora_r": 4,
+                                                     "interval": 4, "max_steps": 20})
+    # a model folder with a config and no weights: refusals that need the architecture must come before loading
+    # (a weight load here would fail with a Traceback, failing the test)
+    from beamlora_ds import models
+
+    models.tiny_llama_config().save_pretrained(d / "config_only")
+    # bitsandbytes made unimportable in the subprocess, to test OUR refusal path (not bitsandbytes itself)
+    (d / "no_bnb" / "bitsandbytes").mkdir(parents=True)
+    (d / "no_bnb" / "bitsandbytes" / "__init__.py").write_text(
+        'raise ImportError("simulated: bitsandbytes is not installed")\n')
     return d
 
 
+def case(name, argv, words, **env):
+    return pytest.param(argv, words, env, id=name)
+
+
+Z2 = ["--ds_config", "ds_configs/zero2.json"]
 CASES = [
-    ("no ds_config", [], "--ds_config is required"),
-    ("missing ds_config", ["--ds_config", "{d}/nope.json"], "does not exist"),
-    ("malformed ds_config", ["--ds_config", "{d}/bad.json"], "not valid JSON"),
-    ("config vs command line", ["--ds_config", "{d}/micro2.json", "--per_device_train_batch_size", "4"],
-     "train_micro_batch_size_per_gpu=2 but the command line sets --per_device_train_batch_size 4"),
-    ("non-empty output dir", ["--ds_config", "ds_configs/zero2.json", "--output_dir", "{d}/full"], "not empty"),
-    ("resume without checkpoint", ["--ds_config", "ds_configs/zero2.json", "--resume"], "no checkpoint"),
-    ("missing fields", ["--ds_config", "ds_configs/zero2.json", "--dataset", "{d}/fields.jsonl"], "--prompt_field"),
-    ("empty dataset", ["--ds_config", "ds_configs/zero2.json", "--dataset", "{d}/empty.jsonl"], "empty"),
-    ("all too long", ["--ds_config", "ds_configs/zero2.json", "--dataset", "{d}/ok.jsonl", "--max_length", "4"],
-     "longer than --max_length=4"),
-    ("targets match nothing", ["--ds_config", "ds_configs/zero2.json", "--target_modules", "query_key_value"],
-     "matched no module"),
-    ("rank too large", ["--ds_config", "ds_configs/zero2.json", "--lora_r", "100"], "larger than the smaller dimension"),
-    ("interval too long", ["--ds_config", "ds_configs/zero2.json", "--interval", "15"], "interval=15 is too long"),
-    ("p0 out of range", ["--ds_config", "ds_configs/zero2.json", "--p0", "1.5"], "p0=1.5"),
-    ("tau not positive", ["--ds_config", "ds_configs/zero2.json", "--tau", "0"], "tau=0"),
-    ("batch larger than data", ["--ds_config", "ds_configs/zero2.json", "--dataset", "{d}/ok.jsonl",
-                                "--per_device_train_batch_size", "64"], "make no full optimizer step of 64 x 1 x 1"),
+    # DeepSpeed config: missing, malformed, conflicting with the command line, impossible batch
+    case("no ds_config", [], "--ds_config is required"),
+    case("missing ds_config", ["--ds_config", "{d}/nope.json"], "does not exist"),
+    case("malformed ds_config", ["--ds_config", "{d}/bad.json"], "not valid JSON"),
+    case("ds_config not an object", ["--ds_config", "{d}/list.json"], "must hold a JSON object"),
+    case("config vs command line", ["--ds_config", "{d}/micro2.json", "--per_device_train_batch_size", "4"],
+         "train_micro_batch_size_per_gpu=2 but the command line sets --per_device_train_batch_size 4"),
+    case("bf16 config vs --bf16", ["--ds_config", "{d}/bf16_off.json", "--bf16"], "bf16.enabled=False"),
+    case("fp16 config", ["--ds_config", "{d}/fp16.json"], "set fp16.enabled to false"),
+    case("train_batch_size not the product", ["--ds_config", "{d}/tbs6.json"],
+         "train_batch_size=6 in the DeepSpeed config is not micro-batch 4 x accumulation 1 x 1 processes = 4"),
+    # rank 0 of a 2-process launch: refused before it waits for the other process (else: a hang, then timeout)
+    case("world size does not divide train_batch_size", ["--ds_config", "{d}/tbs3.json", "--dist_timeout", "60"],
+         "cannot be split over 2 processes", RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1"),
+    case("micro-batch 0", [*Z2, "--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0 is out of"),
+    # ZeRO settings BeamLoRA cannot work under
+    case("unknown ZeRO stage", ["--ds_config", "{d}/stage4.json"], "zero_optimization.stage=4: use 0, 1, 2 or 3"),
+    case("ZeRO-0 with bf16", ["--ds_config", "{d}/stage0.json", "--bf16"], "Set zero_optimization.stage to 1, 2 or 3"),
+    case("NVMe parameter offload", ["--ds_config", "{d}/nvme.json"], "Set offload_param.device to \"cpu\""),
+    # 4-bit
+    case("4-bit without bitsandbytes", [*Z2, "--quantization", "nf4"], "pip install 'bitsandbytes>=",
+         PYTHONPATH="{d}/no_bnb"),
+    case("4-bit with ZeRO-0 bf16", ["--ds_config", "{d}/stage0.json", "--bf16", "--quantization", "nf4"],
+         "ds_configs/qlora_single.json"),
+    # output dir and resume
+    case("non-empty output dir", [*Z2, "--output_dir", "{d}/full"], "not empty"),
+    case("resume without checkpoint", [*Z2, "--resume"], "no checkpoint"),
+    case("resume non-empty dir without checkpoint", [*Z2, "--output_dir", "{d}/full", "--resume"], "no checkpoint"),
+    case("resume from a different config", [*Z2, "--output_dir", "{d}/resumable", "--resume"],
+         "--lora_r: was 4, now 8"),
+    # data
+    case("missing fields", [*Z2, "--dataset", "{d}/fields.jsonl"], "--prompt_field"),
+    case("empty dataset", [*Z2, "--dataset", "{d}/empty.jsonl"], "empty.jsonl' is an empty file"),
+    case("all too long", [*Z2, "--dataset", "{d}/ok.jsonl", "--max_length", "4"], "longer than --max_length=4"),
+    case("batch larger than data", [*Z2, "--dataset", "{d}/ok.jsonl", "--per_device_train_batch_size", "64"],
+         "make no full optimizer step of 64 x 1 x 1"),
+    case("template without {prompt}", [*Z2, "--prompt_template", "Question: "], "has no {prompt}"),
+    case("template with another field", [*Z2, "--prompt_template", "Q: {prompt} {topic}"], "cannot be filled"),
+    # target modules and rank, checked on the architecture before any weight is read
+    case("targets match nothing", [*Z2, "--target_modules", "query_key_value"], "matched no module"),
+    case("rank too large", [*Z2, "--lora_r", "100"], "larger than the smaller dimension"),
+    case("targets match nothing, config only", [*Z2, "--model_name_or_path", "{d}/config_only",
+                                                "--target_modules", "query_key_value"], "matched no module"),
+    case("rank too large, config only", [*Z2, "--model_name_or_path", "{d}/config_only", "--lora_r", "40"],
+         "--lora_r=40 is larger than the smaller dimension of ['model.layers.0.self_attn.k_proj (64->32)'"),
+    # BeamLoRA schedule values out of range
+    case("interval too long", [*Z2, "--interval", "15"], "--interval=15 is too long for total_steps=20"),
+    case("interval 0", [*Z2, "--interval", "0"], "--interval=0: the reset interval T must be an integer >= 2"),
+    case("interval 1", [*Z2, "--interval", "1"], "--interval=1: the reset interval T must be an integer >= 2"),
+    case("lora_r 0", [*Z2, "--lora_r", "0"], "--lora_r=0: BeamLoRA needs at least 2 ranks"),
+    case("lora_r negative", [*Z2, "--lora_r", "-4"], "--lora_r=-4: BeamLoRA needs at least 2 ranks"),
+    case("p0 out of range", [*Z2, "--p0", "1.5"], "--p0=1.5"),
+    case("tau not positive", [*Z2, "--tau", "0"], "--tau=0"),
+    case("t_end 0", [*Z2, "--t_end", "0"], "--t_end=0: must be a positive integer"),
+    # step counts
+    case("stop_after negative", [*Z2, "--stop_after", "-1"], "--stop_after -1 is out of range"),
+    case("save_steps negative", [*Z2, "--save_steps", "-5"], "--save_steps -5 is out of range"),
+    case("logging_steps 0", [*Z2, "--logging_steps", "0"], "--logging_steps 0 is out of range"),
 ]
 
 
-@pytest.mark.parametrize("name, argv, words", CASES, ids=[c[0] for c in CASES])
-def test_refused_cleanly(files, tmp_path, name, argv, words):
+def _tree(root):
+    """Every folder and file under root with its bytes: a refused run leaves a user's folders exactly as they were."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("argv, words, env", CASES)
+def test_refused_cleanly(files, tmp_path, argv, words, env):
+    """Exit code 2, one 'error:' line naming the problem and the fix, no Traceback, nothing written."""
     out = tmp_path / "out"
-    argv = [a.format(d=files) for a in argv]
+    argv = [a.replace("{d}", str(files)) for a in argv]
     if "--output_dir" not in argv:
         argv += ["--output_dir", str(out)]
-    env = {**os.environ, "MASTER_PORT": str(_port())}
+    env = {k: v.replace("{d}", str(files)) for k, v in env.items()}
+    if "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
+           "MASTER_PORT": str(_port()), **env}
+    before = _tree(files)
     proc = subprocess.run([sys.executable, "launch/train.py", *TINY, *argv], cwd=ROOT, capture_output=True,
                           text=True, timeout=180, env=env)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert words in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and words in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not out.exists()
-    assert sorted(os.listdir(files / "full")) == ["keep.txt"]
+    assert _tree(files) == before
 
 
 def test_rank_environment_from_launchers():
