@@ -62,7 +62,12 @@ def _load_rows(dataset: str, split: str):
         try:
             return datasets.load_dataset(builder, data_files=dataset, split="train")
         except Exception as e:  # malformed files surface as many different exception types
-            raise DataError(f"Could not read {dataset!r} as {builder}: {e}") from e
+            inner = e
+            while inner.__cause__ is not None or inner.__context__ is not None:  # the parser's own words
+                inner = inner.__cause__ or inner.__context__
+            reason = str(inner).strip() or type(inner).__name__
+            raise DataError(f"Could not read {dataset!r} as {builder} ({reason}): check that it is valid "
+                            f"{builder.upper()} with one example per {'row' if builder == 'csv' else 'record'}.") from e
     if dataset.startswith((".", "/")) or dataset.endswith((".json", ".jsonl", ".csv")):
         raise DataError(f"Dataset file {dataset!r} does not exist.")
     return datasets.load_dataset(dataset, split=split)

@@ -38,6 +38,7 @@ def files(tmp_path_factory):
     _write_json(d / "tbs3.json", {"train_batch_size": 3, "zero_optimization": {"stage": 2}})
     (d / "fields.jsonl").write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n")
     (d / "empty.jsonl").write_text("")
+    (d / "broken.jsonl").write_text('{"prompt": "What is 1 + 1?", "response": "2"}\n{"prompt": oops}\n')
     (d / "ok.jsonl").write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "response": str(i + 1)}) + "\n"
                                         for i in range(40)))
     (d / "full").mkdir()
@@ -100,6 +101,7 @@ CASES = [
     # data
     case("missing fields", [*Z2, "--dataset", "{d}/fields.jsonl"], "--prompt_field"),
     case("empty dataset", [*Z2, "--dataset", "{d}/empty.jsonl"], "empty.jsonl' is an empty file"),
+    case("malformed dataset", [*Z2, "--dataset", "{d}/broken.jsonl"], "check that it is valid JSON"),
     case("all too long", [*Z2, "--dataset", "{d}/ok.jsonl", "--max_length", "4"], "longer than --max_length=4"),
     case("batch larger than data", [*Z2, "--dataset", "{d}/ok.jsonl", "--per_device_train_batch_size", "64"],
          "make no full optimizer step of 64 x 1 x 1"),
