@@ -39,13 +39,14 @@ def score_importance(logits: torch.Tensor, tau: float) -> torch.Tensor:
 def norm_importance(a_row_sq: torch.Tensor, b_col_sq: torch.Tensor) -> torch.Tensor:
     """I_i = ||b_i|| * ||a_i||, normalised so each module's row sums to r (uniform where all are zero).
 
-    Takes sums of squares, (modules, r), so that shard-local partial sums can be added up first.
+    Takes sums of squares, (modules, r), so that shard-local partial sums can be added up first. A NaN or
+    +inf input makes its module's row non-finite (never silently uniform), so the reset is skipped.
     """
     raw = (a_row_sq.double().clamp_min(0).sqrt() * b_col_sq.double().clamp_min(0).sqrt())
     r = raw.shape[-1]
     total = raw.sum(dim=-1, keepdim=True)
-    uniform = torch.ones_like(raw)
-    normalised = torch.where(total > 0, r * raw / torch.where(total > 0, total, torch.ones_like(total)), uniform)
+    zero = total == 0  # NaN totals are not zero: they propagate instead of turning uniform
+    normalised = torch.where(zero, torch.ones_like(raw), r * raw / torch.where(zero, torch.ones_like(total), total))
     return normalised.float()
 
 
@@ -56,8 +57,12 @@ def select_pruned(importance: torch.Tensor, keep: float) -> torch.Tensor:
     Sort all N*r importances descending (ties: lower flat index first), take the cumulative sum; the first
     position where it exceeds keep * N * r, and every position after it, is pruned. A module never loses all
     of its ranks: if it would, its most important rank is kept (so it has a source to refill from).
+    NaN/Inf importances or keep raise ValueError: there is no meaningful ranking to prune by.
     """
     n_modules, r = importance.shape
+    if not math.isfinite(keep) or not bool(torch.isfinite(importance).all()):
+        raise ValueError(f"select_pruned needs finite importances and keep-fraction (keep={keep}); "
+                         "a reset with NaN/Inf scores must be skipped, not planned")
     flat = importance.reshape(-1).double()
     pruned = torch.zeros(flat.numel(), dtype=torch.bool)
     if keep >= 1.0:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -55,34 +56,36 @@ class BeamLoRAConfig:
                 problems.append(message)
 
         need(_is_int(self.r) and self.r >= 2,
-             f"r={self.r!r}: BeamLoRA needs at least 2 ranks per module to prune and refill; use r >= 2 (paper: 64).")
-        need(_is_number(self.alpha) and self.alpha > 0, f"alpha={self.alpha!r}: must be a positive number (paper: 2 * r).")
-        need(_is_number(self.dropout) and 0 <= self.dropout < 1, f"dropout={self.dropout!r}: must be in [0, 1).")
+             f"r={_show(self.r)}: BeamLoRA needs at least 2 ranks per module to prune and refill; use r >= 2 (paper: 64).")
+        need(_is_number(self.alpha) and self.alpha > 0,
+             f"alpha={_show(self.alpha)}: must be a finite positive number (paper: 2 * r).")
+        need(_is_number(self.dropout) and 0 <= self.dropout < 1, f"dropout={_show(self.dropout)}: must be in [0, 1).")
         need(_is_number(self.tau) and self.tau > 0,
-             f"tau={self.tau!r}: the softmax temperature must be > 0 (paper: 0.05, or 0.03 when lr < 1e-4).")
+             f"tau={_show(self.tau)}: the softmax temperature must be finite and > 0 (paper: 0.05, or 0.03 when lr < 1e-4).")
         need(_is_number(self.p0) and 0 < self.p0 <= 1,
-             f"p0={self.p0!r}: the initial keep-fraction must be in (0, 1] (paper: 0.95; 1 disables pruning).")
-        need(self.optimizer_state in OPTIMIZER_STATE_MODES,
-             f"optimizer_state={self.optimizer_state!r}: use one of {OPTIMIZER_STATE_MODES}.")
-        need(self.importance in IMPORTANCE_CRITERIA,
-             f"importance={self.importance!r}: use one of {IMPORTANCE_CRITERIA}.")
-        need(_is_int(self.seed), f"seed={self.seed!r}: must be an integer.")
+             f"p0={_show(self.p0)}: the initial keep-fraction must be in (0, 1] (paper: 0.95; 1 disables pruning).")
+        need(isinstance(self.optimizer_state, str) and self.optimizer_state in OPTIMIZER_STATE_MODES,
+             f"optimizer_state={_show(self.optimizer_state)}: use one of {OPTIMIZER_STATE_MODES}.")
+        need(isinstance(self.importance, str) and self.importance in IMPORTANCE_CRITERIA,
+             f"importance={_show(self.importance)}: use one of {IMPORTANCE_CRITERIA}.")
+        need(_is_int(self.seed) and -(1 << 63) <= self.seed < (1 << 64),
+             f"seed={_show(self.seed)}: must be an integer that fits in 64 bits, as torch.manual_seed takes.")
         problems += _target_problems(self.target_modules)
 
         if self.total_steps is None:
             problems.append("total_steps is not set: give the number of optimizer steps of the whole run "
                             "(the reset schedule is defined relative to it).")
         elif not (_is_int(self.total_steps) and self.total_steps >= 1):
-            problems.append(f"total_steps={self.total_steps!r}: must be a positive integer.")
+            problems.append(f"total_steps={_show(self.total_steps)}: must be a positive integer.")
         if not (_is_int(self.interval) and self.interval >= 2):
-            problems.append(f"interval={self.interval!r}: the reset interval T must be an integer >= 2 "
+            problems.append(f"interval={_show(self.interval)}: the reset interval T must be an integer >= 2 "
                             "(the snapshot is taken T/2 steps before each reset; paper: 3000).")
         elif _is_int(self.total_steps) and self.total_steps >= 1 and self.interval > self.total_steps // 2:
             problems.append(
-                f"interval={self.interval} is too long for total_steps={self.total_steps}: a reset at step T needs "
-                f"T more steps after it, so no reset would ever happen. Use interval <= {self.total_steps // 2}.")
+                f"interval={_show(self.interval)} is too long for total_steps={_show(self.total_steps)}: "
+                f"a reset at step T needs T more steps after it, so no reset would ever happen. Use interval <= {_show(self.total_steps // 2)}.")
         if self.t_end is not None and not (_is_int(self.t_end) and self.t_end >= 1):
-            problems.append(f"t_end={self.t_end!r}: must be a positive integer number of steps, or None for 2/3 of total_steps.")
+            problems.append(f"t_end={_show(self.t_end)}: must be a positive integer number of steps, or None for 2/3 of total_steps.")
         if problems:
             raise ConfigError("Invalid BeamLoRAConfig:\n  - " + "\n  - ".join(problems))
         return self
@@ -107,21 +110,34 @@ def _is_int(x) -> bool:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # x == x rejects NaN
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))  # rejects NaN, +-inf and ints too large for a float
+    except OverflowError:
+        return False
+
+
+def _show(x) -> str:
+    """repr() for messages; huge ints have no repr in Python >= 3.11 (int_max_str_digits)."""
+    try:
+        return repr(x)
+    except ValueError:
+        return f"<{type(x).__name__} too large to print>"
 
 
 def _target_problems(target_modules) -> list:
     if isinstance(target_modules, str):
         try:
             re.compile(target_modules)
-        except re.error as e:
-            return [f"target_modules={target_modules!r} is not a valid regular expression: {e}."]
+        except (re.error, OverflowError, RecursionError) as e:  # huge repeat counts, deep nesting
+            return [f"target_modules={_show(target_modules)} is not a valid regular expression: {e}."]
         return []
     try:
         names = list(target_modules)
     except TypeError:
-        return [f"target_modules={target_modules!r}: give a list of module names or one regular expression string."]
+        return [f"target_modules={_show(target_modules)}: give a list of module names or one regular expression string."]
     if not names or not all(isinstance(n, str) and n for n in names):
-        return [f"target_modules={target_modules!r}: give a non-empty list of module name suffixes "
+        return [f"target_modules={_show(target_modules)}: give a non-empty list of module name suffixes "
                 f"(e.g. {list(LLAMA_PROJECTIONS[:2])}) or one regular expression string."]
     return []
