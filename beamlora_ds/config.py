@@ -83,7 +83,9 @@ class BeamLoRAConfig:
         elif _is_int(self.total_steps) and self.total_steps >= 1 and self.interval > self.total_steps // 2:
             problems.append(
                 f"interval={_show(self.interval)} is too long for total_steps={_show(self.total_steps)}: "
-                f"a reset at step T needs T more steps after it, so no reset would ever happen. Use interval <= {_show(self.total_steps // 2)}.")
+                f"a reset at step T needs T more steps after it, so no reset would ever happen. "
+                + (f"Use interval <= {_show(self.total_steps // 2)}." if self.total_steps >= 4 else
+                   "The shortest interval is 2, which needs total_steps >= 4: train for more steps."))
         if self.t_end is not None and not (_is_int(self.t_end) and self.t_end >= 1):
             problems.append(f"t_end={_show(self.t_end)}: must be a positive integer number of steps, or None for 2/3 of total_steps.")
         if problems:

@@ -28,6 +28,7 @@ def test_defaults_are_the_papers():
     (dict(interval=1), "interval"),
     (dict(interval=20_000), "too long"),
     (dict(interval=6000), "interval <= 5000"),
+    (dict(total_steps=3, interval=2), "needs total_steps >= 4"),
     (dict(total_steps=None), "total_steps is not set"),
     (dict(total_steps=0), "total_steps"),
     (dict(t_end=0), "t_end"),

@@ -240,7 +240,7 @@ def test_train_py_refuses_before_loading(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--model_name_or_path",
                            "builtin-tiny", "--quantization", "nf4", "--bf16", "--ds_config", str(config),
-                           "--output_dir", str(out), "--max_steps", "2"],
+                           "--output_dir", str(out), "--max_steps", "4", "--interval", "2"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "error: ZeRO stage 0 with bf16" in proc.stderr and "qlora_single.json" in proc.stderr
