@@ -88,6 +88,11 @@ class BeamLoRAConfig:
                    "The shortest interval is 2, which needs total_steps >= 4: train for more steps."))
         if self.t_end is not None and not (_is_int(self.t_end) and self.t_end >= 1):
             problems.append(f"t_end={_show(self.t_end)}: must be a positive integer number of steps, or None for 2/3 of total_steps.")
+        elif self.t_end is not None and _is_int(self.total_steps) and self.total_steps >= 1 and self.t_end > self.total_steps:
+            problems.append(
+                f"t_end={_show(self.t_end)} is past the end of the run (total_steps={_show(self.total_steps)}): the "
+                "keep-fraction would never reach 1 and late resets would keep pruning. Use t_end <= total_steps, or "
+                "leave it unset for 2/3 of total_steps (the paper's choice).")
         if problems:
             raise ConfigError("Invalid BeamLoRAConfig:\n  - " + "\n  - ".join(problems))
         return self

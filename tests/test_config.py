@@ -32,6 +32,7 @@ def test_defaults_are_the_papers():
     (dict(total_steps=None), "total_steps is not set"),
     (dict(total_steps=0), "total_steps"),
     (dict(t_end=0), "t_end"),
+    (dict(t_end=10_001), "past the end of the run"),
     (dict(optimizer_state="merge"), "optimizer_state"),
     (dict(importance="grad"), "importance"),
     (dict(target_modules=[]), "target_modules"),

@@ -114,6 +114,9 @@ def expected_invalid(drawn: dict) -> set:
     (interval, interval_ok), (total, total_ok) = drawn["interval"], drawn["total_steps"]
     if interval_ok and total_ok and interval > total // 2:  # no reset would ever happen
         bad.add("interval")
+    (t_end, t_end_ok) = drawn["t_end"]
+    if t_end_ok and total_ok and t_end is not None and t_end > total:  # the schedule would never finish
+        bad.add("t_end")
     return bad
 
 
@@ -161,7 +164,7 @@ def valid_configs(draw):
     values = {name: materialize(draw(VALID[name]))
               for name in VALID if name not in ("total_steps", "interval", "r", "seed", "t_end")}
     values.update(total_steps=total, interval=draw(st.integers(2, total // 2)), r=draw(st.integers(2, 512)),
-                  seed=draw(VALID["seed"]), t_end=draw(st.one_of(st.none(), st.integers(1, 10 ** 7))))
+                  seed=draw(VALID["seed"]), t_end=draw(st.one_of(st.none(), st.integers(1, total))))
     return BeamLoRAConfig(**values)
 
 

@@ -123,6 +123,7 @@ CASES = [
     case("p0 out of range", [*Z2, "--p0", "1.5"], "--p0=1.5"),
     case("tau not positive", [*Z2, "--tau", "0"], "--tau=0"),
     case("t_end 0", [*Z2, "--t_end", "0"], "--t_end=0: must be a positive integer"),
+    case("t_end past the run", [*Z2, "--t_end", "21"], "--t_end=21 is past the end of the run (total_steps=20)"),
     # step counts
     case("stop_after negative", [*Z2, "--stop_after", "-1"], "--stop_after -1 is out of range"),
     case("save_steps negative", [*Z2, "--save_steps", "-5"], "--save_steps -5 is out of range"),
