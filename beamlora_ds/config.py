@@ -72,15 +72,16 @@ class BeamLoRAConfig:
              f"seed={_show(self.seed)}: must be an integer that fits in 64 bits, as torch.manual_seed takes.")
         problems += _target_problems(self.target_modules)
 
+        total_ok = _is_int(self.total_steps) and self.total_steps >= 1
         if self.total_steps is None:
             problems.append("total_steps is not set: give the number of optimizer steps of the whole run "
                             "(the reset schedule is defined relative to it).")
-        elif not (_is_int(self.total_steps) and self.total_steps >= 1):
+        elif not total_ok:
             problems.append(f"total_steps={_show(self.total_steps)}: must be a positive integer.")
         if not (_is_int(self.interval) and self.interval >= 2):
             problems.append(f"interval={_show(self.interval)}: the reset interval T must be an integer >= 2 "
                             "(the snapshot is taken T/2 steps before each reset; paper: 3000).")
-        elif _is_int(self.total_steps) and self.total_steps >= 1 and self.interval > self.total_steps // 2:
+        elif total_ok and self.interval > self.total_steps // 2:
             problems.append(
                 f"interval={_show(self.interval)} is too long for total_steps={_show(self.total_steps)}: "
                 f"a reset at step T needs T more steps after it, so no reset would ever happen. "
@@ -88,7 +89,7 @@ class BeamLoRAConfig:
                    "The shortest interval is 2, which needs total_steps >= 4: train for more steps."))
         if self.t_end is not None and not (_is_int(self.t_end) and self.t_end >= 1):
             problems.append(f"t_end={_show(self.t_end)}: must be a positive integer number of steps, or None for 2/3 of total_steps.")
-        elif self.t_end is not None and _is_int(self.total_steps) and self.total_steps >= 1 and self.t_end > self.total_steps:
+        elif self.t_end is not None and total_ok and self.t_end > self.total_steps:
             problems.append(
                 f"t_end={_show(self.t_end)} is past the end of the run (total_steps={_show(self.total_steps)}): the "
                 "keep-fraction would never reach 1 and late resets would keep pruning. Use t_end <= total_steps, or "
