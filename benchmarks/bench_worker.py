@@ -15,7 +15,7 @@ Tasks:
   memory    one method, a few steps through the first snapshot and reset; peak resident memory of this process
   quality   for each seed and method in turn: train with warmup + cosine lr, then exact match on held-out
             questions (generated with another seed, none of them in the training set)
-The launcher-side helpers (`launch`, `free_port`) live here too so the two orchestrators share them.
+`run` (launcher side) starts this worker and returns its JSON, so the two orchestrators share it.
 """
 import argparse
 import copy
@@ -30,76 +30,17 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("lora", "frozen", "beamlora")
-NATIVE_CRASH = "terminate called without an active exception"
 
 
 # --------------------------------------------------------------------------------------- launcher side
-def free_port() -> int:
-    import socket
+def run(worker_args, nproc=2, timeout=3600) -> dict:
+    """Run this worker under `deepspeed --num_gpus nproc` (benchmarks/launcher.py: timeout, retry, /dev/shm
+    clean-up), echo rank 0's progress lines, and return the JSON it wrote."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import launcher
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def remove_shm_buffers(port: int) -> None:
-    """DeepSpeed's CPU comm op leaves a 64 MB /dev/shm file per process and launch: drop those of our port."""
-    import glob
-
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
-def launch(worker_args, nproc=2, echo=True, timeout=3600):
-    """Run this worker under `deepspeed --num_gpus nproc`, stream rank 0's lines, clean /dev/shm after.
-
-    A launch still running after `timeout` seconds is killed with its whole process group (a process stuck in a
-    collective or in DeepSpeed's shared-memory set-up never returns by itself). One that aborts natively with no
-    Python error (a rare gloo/shm start-up flake on this CPU) is retried once on a new port; anything else raises
-    with the tail of the output."""
-    import shutil
-    import signal
-    import subprocess
-
-    for attempt in (1, 2):
-        port = free_port()
-        cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nproc), "--master_port", str(port),
-               os.path.abspath(__file__), *map(str, worker_args)]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        lines, timed_out = [], threading.Event()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
-                                start_new_session=True)
-
-        def kill_group():
-            timed_out.set()
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-        timer = threading.Timer(timeout, kill_group)
-        timer.start()
-        try:
-            for line in proc.stdout:
-                lines.append(line)
-                if echo and line.startswith("[bench]"):
-                    print(line[8:], end="", flush=True)
-            rc = proc.wait()
-        finally:
-            timer.cancel()
-            remove_shm_buffers(port)
-        output = "".join(lines)
-        if rc == 0 and not timed_out.is_set():
-            return output
-        if timed_out.is_set():
-            raise RuntimeError(f"worker killed after {timeout} s: {' '.join(cmd)}\n{output[-6000:]}")
-        if attempt == 1 and NATIVE_CRASH in output and "Traceback" not in output:
-            print("[retrying a launch that aborted natively]", flush=True)
-            continue
-        raise RuntimeError(f"worker failed (exit {rc}): {' '.join(cmd)}\n{output[-6000:]}")
+    return launcher.launch_for_json(__file__, worker_args, "--out", nproc=nproc, timeout=timeout,
+                                    echo_prefix="[bench] ")
 
 
 # ------------------------------------------------------------------------------------------ worker side

@@ -127,8 +127,6 @@ def build_base(args, base: str, device):
 
 def wrap(model, method: str, args, total_steps: int):
     """(model, controller or None) with adapters on the 7 projections; trainable adapters in fp32 for both methods."""
-    import torch
-
     controller = None
     if method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -309,7 +307,7 @@ def main(argv=None):
                 "max_memory_lora_over_beamlora": (lo["max_memory_allocated_gib"] / be["max_memory_allocated_gib"]
                                                   if cuda else None)}
     result["seconds"] = time.perf_counter() - tick
-    print(f"\n| base | method | tokens/s | MFU | peak memory (GiB) | step (ms) | snapshot / reset step (ms) |")
+    print("\n| base | method | tokens/s | MFU | peak memory (GiB) | step (ms) | snapshot / reset step (ms) |")
     print("|---|---|---|---|---|---|---|")
     for r in result["runs"]:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"

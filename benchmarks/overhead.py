@@ -143,11 +143,11 @@ def summarize(raw: dict) -> dict:
     return out
 
 
-def worker_args(args, stage, task, methods, out, steps):
+def worker_args(args, stage, task, methods, steps):
     return ["--task", task, "--stage", stage, "--model", args.model, "--methods", ",".join(methods), "--r", args.r,
             "--alpha", 2 * args.r, "--micro_batch", args.micro_batch, "--steps", steps, "--warmup", args.warmup,
             "--interval", args.interval, "--p0", args.p0, "--threads", args.threads, "--seeds", 42,
-            "--profile_steps", args.profile_steps if task == "overhead" else 0, "--out", out]
+            "--profile_steps", args.profile_steps if task == "overhead" else 0]
 
 
 def print_stage(stage, raw, s, memory):
@@ -169,7 +169,7 @@ def print_stage(stage, raw, s, memory):
     for kind in ("snapshot", "reset"):
         for ev in s.get(kind, []):
             nxt = ev["next_step_excess_x_step"]
-            print(f"  {kind} at step {ev['step']}: +{ev['extra_x_step']:.2f} x median beamlora step "
+            print(f"  {kind} at step {ev['step']}: {ev['extra_x_step']:+.2f} x median beamlora step "
                   f"(controller {ev['controller_x_step']:.2f} x"
                   + (f", next step {nxt:+.2f} x" if nxt is not None else "")
                   + (f", {ev['ranks_pruned']} ranks pruned" if kind == "reset" else "") + ")")
@@ -177,7 +177,7 @@ def print_stage(stage, raw, s, memory):
     print(f"  BeamLoRA extra state per process: score {st['score'] / 1024:.1f} KiB (param, grad, master, Adam); "
           f"snapshot {st['snapshot'] / 2**20:.2f} MiB while held (LoRA adapters + states: "
           f"{st['lora_adapters_for_scale'] / 2**20:.2f} MiB)")
-    print(f"  loss before training: " + ", ".join(f"{k} {v:.6f}" for k, v in s["loss_at_init"].items())
+    print("  loss before training: " + ", ".join(f"{k} {v:.6f}" for k, v in s["loss_at_init"].items())
           + (f"; frozen vs lora loss trajectory max |diff| {s['frozen_vs_lora_max_loss_diff']:.2e}"
              if "frozen_vs_lora_max_loss_diff" in s else ""))
     if "profile_growth_ms_per_step" in s:
@@ -196,25 +196,15 @@ def print_stage(stage, raw, s, memory):
 def main(argv=None):
     args = parse(argv)
     started = time.time()
-    out_dir = os.path.dirname(os.path.abspath(args.json))
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     result = {"quick": args.quick, "target_ratio": TARGET_RATIO, "stages": {}}
     for stage in args.stages.split(","):
-        raw_path = os.path.join(out_dir, f".overhead_zero{stage}_raw_{os.getpid()}.json")
         print(f"ZeRO-{stage}: training {', '.join(METHODS)} round-robin ({args.model}) ...", flush=True)
-        bench_worker.launch(worker_args(args, stage, "overhead", METHODS, raw_path, args.steps), timeout=args.timeout)
-        with open(raw_path) as f:
-            raw = json.load(f)
-        os.unlink(raw_path)
+        raw = bench_worker.run(worker_args(args, stage, "overhead", METHODS, args.steps), timeout=args.timeout)
         memory = {}
         if args.memory:
             for m in METHODS:  # alone in its process: through the first snapshot (T/2) and reset (T)
-                mem_path = os.path.join(out_dir, f".overhead_zero{stage}_{m}_mem_{os.getpid()}.json")
-                bench_worker.launch(worker_args(args, stage, "memory", [m], mem_path, args.interval + 1),
-                                    timeout=args.timeout)
-                with open(mem_path) as f:
-                    mem = json.load(f)
-                os.unlink(mem_path)
+                mem = bench_worker.run(worker_args(args, stage, "memory", [m], args.interval + 1), timeout=args.timeout)
                 memory[m] = (max(p["peak_rss_train_mb"] for p in mem["per_process"]),
                              max(p["peak_rss_train_mb"] - p["rss_before_train_mb"] for p in mem["per_process"]))
                 result.setdefault("memory_detail", {})[f"zero{stage}_{m}"] = mem["per_process"]
@@ -234,9 +224,9 @@ def main(argv=None):
     result["seconds"] = time.time() - started
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"\nbeamlora / lora (median step): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())
+    print("\nbeamlora / lora (median step): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items())
           + f" (target <= {TARGET_RATIO}); worst reset: "
-          + ", ".join(f"{k} +{v:.2f} step" for k, v in resets.items() if v is not None)
+          + ", ".join(f"{k} {v:+.2f} step" for k, v in resets.items() if v is not None)
           + f" (target <= 1 step). {time.time() - started:.0f} s; wrote {args.json}")
     if args.quick:
         print("(--quick times a tiny model for a few steps: a smoke test of the script, not a measurement)")

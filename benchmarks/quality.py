@@ -104,20 +104,15 @@ def main(argv=None):
     args = parse(argv)
     started = time.time()
     seeds = [int(s) for s in args.seeds.split(",")]
-    out_dir = os.path.dirname(os.path.abspath(args.json))
-    os.makedirs(out_dir, exist_ok=True)
-    raw_path = os.path.join(out_dir, f".quality_raw_{os.getpid()}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     print(f"quality: {', '.join(METHODS)} x seeds {seeds}, {args.steps} steps, r={args.r}, lr {args.lr}, "
           f"interval {args.interval}, p0 {args.p0}, ZeRO-{args.stage}, {args.eval_samples} held-out questions per seed "
           f"({args.model}) ...", flush=True)
-    bench_worker.launch(["--task", "quality", "--stage", args.stage, "--model", args.model, "--methods", ",".join(METHODS),
-                         "--seeds", args.seeds, "--steps", args.steps, "--interval", args.interval, "--p0", args.p0,
-                         "--r", args.r, "--alpha", 2 * args.r, "--lr", args.lr, "--micro_batch", args.micro_batch,
-                         "--eval_samples", args.eval_samples, "--threads", args.threads, "--out", raw_path]
-                        + ([] if args.no_eval_before else ["--eval_before"]), timeout=300 if args.quick else 3 * 3600)
-    with open(raw_path) as f:
-        raw = json.load(f)
-    os.unlink(raw_path)
+    raw = bench_worker.run(["--task", "quality", "--stage", args.stage, "--model", args.model, "--methods", ",".join(METHODS),
+                            "--seeds", args.seeds, "--steps", args.steps, "--interval", args.interval, "--p0", args.p0,
+                            "--r", args.r, "--alpha", 2 * args.r, "--lr", args.lr, "--micro_batch", args.micro_batch,
+                            "--eval_samples", args.eval_samples, "--threads", args.threads]
+                           + ([] if args.no_eval_before else ["--eval_before"]), timeout=300 if args.quick else 3 * 3600)
     summary = summarize(raw["runs"], seeds)
     settings = {k: v for k, v in raw.items() if k != "runs"}
     result = {"quick": args.quick, "settings": settings, "summary": summary, "runs": raw["runs"],

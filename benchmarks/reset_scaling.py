@@ -36,24 +36,20 @@ Times with W > the number of CPU cores (4 processes on a 2-core machine) are ove
 collective counts mean anything, and they are left out of the fit. /dev/shm buffers of these launches are removed.
 """
 import argparse
-import glob
 import json
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import launcher  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 K_INHERIT = 3  # fp32 master + AdamW's exp_avg and exp_avg_sq
 LLAMA2_70B = {"hidden": 8192, "intermediate": 28672, "heads": 64, "kv_heads": 8, "layers": 80, "vocab": 32000}
 FEATURES = ("collectives", "ring_bytes", "modules", "modules_touched", "elements", "partition_elements")
-NATIVE_CRASH = "terminate called without an active exception"
 
 
 def parse(argv=None):
@@ -128,42 +124,13 @@ def sweep_points(quick: bool, world: int):
     return layers + ranks + hidden + wide
 
 
-def remove_shm_buffers(port: int) -> None:
-    """DeepSpeed's CPU comm op leaves a 64 MB /dev/shm file per process and launch: remove this launch's only."""
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(world: int, points, timeout: int, folder: str) -> list:
-    """One `deepspeed --num_gpus W reset_cost.py --points ...`; retried once on a native gloo/shm start-up abort."""
-    out = os.path.join(folder, f"w{world}.json")
-    for attempt in range(2):
-        port = free_port()
-        cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(world), "--master_port", str(port),
-               os.path.join(ROOT, "benchmarks", "reset_cost.py"), "--points", ",".join(points),
-               "--seq", "16", "--micro_batch", "1", "--interval", "4", "--intervals", "3", "--p0", "0.5",
-               "--json", out]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
-        finally:
-            remove_shm_buffers(port)
-        text = proc.stdout + proc.stderr
-        if proc.returncode == 0:
-            with open(out) as f:
-                return json.load(f)["points"]
-        if attempt == 0 and NATIVE_CRASH in text and "Traceback" not in text:
-            print(f"  W={world}: native abort at start-up, retrying once", flush=True)
-            continue
-        raise SystemExit(f"deepspeed --num_gpus {world} failed (exit {proc.returncode}):\n{text[-4000:]}")
+def launch(world: int, points, timeout: int) -> list:
+    """One `deepspeed --num_gpus W reset_cost.py --points ...` (benchmarks/launcher.py: timeout, one retry of a
+    native start-up abort, /dev/shm clean-up); the measured points."""
+    return launcher.launch_for_json(
+        os.path.join(ROOT, "benchmarks", "reset_cost.py"),
+        ["--points", ",".join(points), "--seq", "16", "--micro_batch", "1", "--interval", "4", "--intervals", "3",
+         "--p0", "0.5"], "--json", nproc=world, timeout=timeout)["points"]
 
 
 def fastest(rows: list) -> list:
@@ -284,16 +251,15 @@ def main(argv=None):
             earlier = json.load(f)
         launches, args.worlds = earlier["launches"], sorted({r["world"] for r in earlier["rows"]})
         rows = [{k: v for k, v in r.items() if k != "model_s"} for r in earlier["rows"]]
-    with tempfile.TemporaryDirectory(prefix="reset_scaling_") as folder:
-        for world in [] if args.from_json else args.worlds:
-            points = sweep_points(args.quick, world)
-            t0 = time.perf_counter()
-            print(f"W={world}: deepspeed --num_gpus {world} reset_cost.py --points {','.join(points)}"
-                  f"{f' (x{args.repeats}, interleaved)' if args.repeats > 1 and world <= cores else ''}", flush=True)
-            runs = 1 if world > cores else args.repeats
-            results = launch(world, points * runs, args.timeout, folder)
-            launches[world] = {"points": points, "repeats": runs, "seconds": time.perf_counter() - t0}
-            rows += fastest([row for point in results for row in rows_of(point, oversubscribed=world > cores)])
+    for world in [] if args.from_json else args.worlds:
+        points = sweep_points(args.quick, world)
+        t0 = time.perf_counter()
+        print(f"W={world}: deepspeed --num_gpus {world} reset_cost.py --points {','.join(points)}"
+              f"{f' (x{args.repeats}, interleaved)' if args.repeats > 1 and world <= cores else ''}", flush=True)
+        runs = 1 if world > cores else args.repeats
+        results = launch(world, points * runs, args.timeout)
+        launches[world] = {"points": points, "repeats": runs, "seconds": time.perf_counter() - t0}
+        rows += fastest([row for point in results for row in rows_of(point, oversubscribed=world > cores)])
     for row in rows:  # the closed-form shapes must match the real model's, or the 70B numbers mean nothing
         sizes = module_sizes(row["hidden"], row["intermediate"], 8, 4)
         row["adapter_elements_formula"] = row["layers"] * row["r"] * sum(i + o for i, o in sizes.values())
