@@ -1,0 +1,131 @@
+"""What the BeamLoRA score path costs by itself, without DeepSpeed: the `h * r * softmax(score / tau)` of
+BeamLoRALinear.forward and its backward, for many small modules, against the same adapters without it.
+
+    python3 benchmarks/score_path.py            # SmolLM2-135M-like: 210 modules, r = 8, 256 tokens (~1 min)
+    python3 benchmarks/score_path.py --quick    # CI smoke test (seconds)
+
+Why: benchmarks/overhead.py shows BeamLoRA's ZeRO-2 step above LoRA's; this separates the autograd cost of the
+score itself from DeepSpeed's per-parameter costs. Variants, timed round-robin on one thread (forward + backward
+of a chain of N adapters, each x -> B (w * (A x))):
+  none     LoRA: no score
+  plain    the score path exactly as beamlora_ds.layer computes it (w = rank_weights(score, tau))
+  fused    the same maths as one torch.autograd.Function (a candidate optimisation; its gradients are checked
+           equal to plain's before timing)
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from beamlora_ds.layer import rank_weights  # noqa: E402
+
+
+class FusedRankScale(torch.autograd.Function):
+    """h * r * softmax(score / tau) with a hand-written backward: one autograd node instead of four."""
+
+    @staticmethod
+    def forward(ctx, h, score, tau):
+        p = torch.softmax(score.float() / tau, dim=-1)
+        ctx.save_for_backward(h, p)
+        ctx.tau = tau
+        return h * (score.shape[-1] * p).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, p = ctx.saved_tensors
+        r = p.shape[-1]
+        grad_h = g * (r * p).to(g.dtype) if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            grad_p = r * (g * h).reshape(-1, r).sum(0).float()
+            grad_s = p * (grad_p - (grad_p * p).sum()) / ctx.tau
+        return grad_h, grad_s, None
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="few modules and repeats: the CI smoke test")
+    p.add_argument("--modules", type=int, default=210, help="SmolLM2-135M: 30 layers x 7 projections")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--tokens", type=int, default=256, help="micro-batch x sequence length")
+    p.add_argument("--tau", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", default=None, help="default benchmarks/results/score_path.json (quick: score_path_quick.json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.modules, args.repeats, args.warmup = 14, 4, 1
+    if args.json is None:
+        args.json = os.path.join(ROOT, "benchmarks", "results", "score_path_quick.json" if args.quick else "score_path.json")
+    return args
+
+
+def build(args):
+    torch.manual_seed(0)
+    n, r, d = args.modules, args.r, args.hidden
+    return {"x": [torch.randn(args.tokens, d) for _ in range(8)],
+            "A": [torch.randn(r, d, requires_grad=True) for _ in range(n)],
+            "B": [torch.randn(d, r, requires_grad=True) for _ in range(n)],
+            "score": [torch.randn(r, requires_grad=True) for _ in range(n)]}
+
+
+def step(t, variant: str, tau: float) -> list:
+    """Forward + backward of every adapter; returns the gradients and clears them."""
+    total = 0
+    for i, (a, b, s) in enumerate(zip(t["A"], t["B"], t["score"])):
+        h = F.linear(t["x"][i % len(t["x"])], a)
+        if variant == "plain":
+            h = h * rank_weights(s, tau).to(h.dtype)
+        elif variant == "fused":
+            h = FusedRankScale.apply(h, s, tau)
+        total = total + F.linear(h, b).sum()
+    total.backward()
+    params = t["A"] + t["B"] + t["score"]
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+def main(argv=None):
+    args = parse(argv)
+    torch.set_num_threads(1)
+    tensors = build(args)
+    plain, fused = step(tensors, "plain", args.tau), step(tensors, "fused", args.tau)
+    max_diff = max((a - b).abs().max().item() for a, b in zip(plain, fused))
+    if max_diff > 1e-5:
+        raise SystemExit(f"the fused score path's gradients differ from the plain one's by {max_diff}")
+    variants = ("none", "plain", "fused")
+    times = {v: [] for v in variants}
+    for rep in range(args.warmup + args.repeats):
+        for v in variants[rep % 3:] + variants[:rep % 3]:  # rotate the order so drift hits all alike
+            tick = time.perf_counter()
+            step(tensors, v, args.tau)
+            if rep >= args.warmup:
+                times[v].append(time.perf_counter() - tick)
+    median = {v: statistics.median(ts) for v, ts in times.items()}
+    result = {"settings": {k: v for k, v in vars(args).items() if k != "json"}, "torch": torch.__version__,
+              "threads": 1, "fused_vs_plain_max_grad_diff": max_diff, "median_s": median,
+              "score_path_extra_s": {v: median[v] - median["none"] for v in ("plain", "fused")}, "times_s": times}
+    print(f"{args.modules} modules, r={args.r}, hidden {args.hidden}, {args.tokens} tokens, 1 thread, "
+          f"{args.repeats} timed repeats (median)")
+    print(f"{'variant':<8}{'fwd+bwd ms':>12}{'vs none ms':>12}{'per module us':>15}")
+    for v in variants:
+        extra = median[v] - median["none"]
+        print(f"{v:<8}{1e3 * median[v]:>12.1f}{1e3 * extra:>+12.1f}{1e6 * extra / args.modules:>+15.0f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
