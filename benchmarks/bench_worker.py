@@ -24,7 +24,6 @@ import json
 import math
 import os
 import resource
-import sys
 import threading
 import time
 
@@ -34,13 +33,12 @@ METHODS = ("lora", "frozen", "beamlora")
 
 # --------------------------------------------------------------------------------------- launcher side
 def run(worker_args, nproc=2, timeout=3600) -> dict:
-    """Run this worker under `deepspeed --num_gpus nproc` (benchmarks/launcher.py: timeout, retry, /dev/shm
+    """Run this worker under `deepspeed --num_gpus nproc` (beamlora_ds.testing: timeout, retry, /dev/shm
     clean-up), echo rank 0's progress lines, and return the JSON it wrote."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import launcher
+    from beamlora_ds import testing
 
-    return launcher.launch_for_json(__file__, worker_args, "--out", nproc=nproc, timeout=timeout,
-                                    echo_prefix="[bench] ")
+    return testing.launch_for_json(__file__, worker_args, "--out", nproc=nproc, timeout=timeout, cwd=ROOT,
+                                   echo_prefix="[bench] ")
 
 
 # ------------------------------------------------------------------------------------------ worker side
@@ -85,19 +83,18 @@ class Bench:
 
     def __init__(self, args):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        sys.path.insert(0, os.path.join(ROOT, "launch"))
         import torch
 
-        import train as train_lib  # launch/train.py: init_distributed, lr_lambda, release_shm_buffers
-        from beamlora_ds import data, ds_config, models
+        from beamlora_ds import data, ds_config, lr_schedule, models, processes
 
-        self.args, self.torch, self.train_lib, self.data, self.models = args, torch, train_lib, data, models
+        self.args, self.torch, self.data, self.models = args, torch, data, models
+        self.processes, self.lr_schedule = processes, lr_schedule
         import logging
 
         if not args.verbose:
             for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "beamlora_ds"):
                 logging.getLogger(noisy).setLevel(logging.ERROR)
-        self.rank, self.world = train_lib.init_distributed(argparse.Namespace(dist_timeout=900))
+        self.rank, self.world = self.processes.init_distributed(900)
         import deepspeed
         import deepspeed.comm as dist
 
@@ -201,7 +198,7 @@ class Bench:
         optimizer = torch.optim.AdamW(groups, lr=args.lr)
         scheduler = None
         if warmup_steps is not None:  # quality: train.py's warmup + cosine
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.train_lib.lr_lambda("cosine", warmup_steps,
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_schedule.lr_lambda("cosine", warmup_steps,
                                                                                               total_steps))
         engine, _, _, _ = self.deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=groups,
                                                     lr_scheduler=scheduler, config=copy.deepcopy(config))
@@ -216,7 +213,7 @@ class Bench:
             os.makedirs(os.path.dirname(os.path.abspath(self.args.out)), exist_ok=True)
             with open(self.args.out, "w") as f:
                 json.dump(result, f, indent=1)
-        self.train_lib.release_shm_buffers(self.dist)
+        self.processes.release_shm_buffers(self.dist)
 
     def settings(self):
         a = self.args

@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -70,12 +69,6 @@ def refuse_without_gpu(args):
         sys.exit(2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ds_config(args) -> dict:
     return {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
             "train_batch_size": args.micro_batch, "gradient_clipping": 1.0, "bf16": {"enabled": True},
@@ -97,8 +90,9 @@ def child(args) -> dict:
 
     def memory(stat: str) -> float:
         return getattr(torch.cuda, stat)() if cuda else 0
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    from beamlora_ds import testing
+
+    os.environ.update(testing.single_process_env(os.environ.get("MASTER_PORT")))
     import deepspeed
     from transformers import AutoModelForCausalLM
 
@@ -196,6 +190,8 @@ def main(argv=None):
     import bitsandbytes
     import torch
 
+    from beamlora_ds import testing
+
     bases = [b.strip() for b in args.bases.split(",") if b.strip()]
     unknown = set(bases) - {"nf4", "bf16"}
     if unknown:
@@ -219,9 +215,8 @@ def main(argv=None):
         for base in bases:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", base, "--model_dir", folder,
                    *map(str, passthrough)]
-            env = dict(os.environ, MASTER_PORT=str(_free_port()))
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=args.timeout)
+            try:  # the group is killed on timeout and the child's /dev/shm buffers removed
+                proc = testing.run(cmd, args.timeout, cwd=ROOT, env=testing.single_process_env())
             except subprocess.TimeoutExpired:
                 result["errors"][base] = f"timed out after {args.timeout} s"
                 print(f"  {base}: timed out", flush=True)

@@ -21,7 +21,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -198,6 +197,8 @@ def main(argv=None):
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
+    from beamlora_ds import testing
+
     passthrough = ["--hidden", args.hidden, "--intermediate", args.intermediate, "--layers", args.layers,
                    "--vocab", args.vocab, "--rank", args.rank, "--seq", args.seq, "--micro_batch", args.micro_batch,
                    "--steps", args.steps, "--threads", args.threads]
@@ -212,7 +213,7 @@ def main(argv=None):
             for variant in ("nf4", "bf16"):  # alternate
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--model_dir", folder,
                        *map(str, passthrough)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                proc = testing.run(cmd, timeout=3600, cwd=ROOT)  # a child that hangs is killed, not waited on
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if proc.returncode != 0 or line is None:
                     sys.exit(f"{variant} measurement failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")

@@ -17,7 +17,7 @@ default (at least three are needed for a spread); 256 questions per seed keep th
 3 points.
 
 Schedule for a short run (why interval 10 and p0 0.8 over 60 steps): resets happen at T, 2T, ... while T steps
-remain, and the keep-fraction rises from p0 to 1 by two thirds of the run (BEAMLORA.md 3). With T = 10 and 60
+remain, and the keep-fraction rises from p0 to 1 by two thirds of the run (docs/method.md section 3). With T = 10 and 60
 steps there are resets at 10, 20, 30, 40 and 50, of which the first three prune (keep-fraction 0.82, 0.89, 0.97;
 the last two prune almost nothing), and every score gets 10 updates to separate the ranks before it is judged.
 After so few updates the scores are still nearly uniform, so the share of ranks pruned at the first reset is

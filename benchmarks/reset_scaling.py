@@ -43,8 +43,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import launcher  # noqa: E402
+from beamlora_ds import testing  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 K_INHERIT = 3  # fp32 master + AdamW's exp_avg and exp_avg_sq
@@ -125,9 +124,9 @@ def sweep_points(quick: bool, world: int):
 
 
 def launch(world: int, points, timeout: int) -> list:
-    """One `deepspeed --num_gpus W reset_cost.py --points ...` (benchmarks/launcher.py: timeout, one retry of a
+    """One `deepspeed --num_gpus W reset_cost.py --points ...` (beamlora_ds.testing: timeout, one retry of a
     native start-up abort, /dev/shm clean-up); the measured points."""
-    return launcher.launch_for_json(
+    return testing.launch_for_json(
         os.path.join(ROOT, "benchmarks", "reset_cost.py"),
         ["--points", ",".join(points), "--seq", "16", "--micro_batch", "1", "--interval", "4", "--intervals", "3",
          "--p0", "0.5"], "--json", nproc=world, timeout=timeout)["points"]

@@ -1,7 +1,9 @@
 """A real transformers.Trainer run of the tiny built-in Llama with BeamLoRA attached (optionally DeepSpeed).
 
-    python tests/hf_worker.py --out DIR [--stop_at 6] [--resume] [--ds_stage 3]   (under `deepspeed` for ZeRO)
-Writes DIR/result.pt on rank 0: the reset history and the final adapter tensors (fp32, full).
+    deepspeed --num_gpus 2 tests/hf_worker.py --out DIR [--stop_at 6] [--resume] [--ds_stage 3]
+Writes DIR/result.pt on rank 0: the reset history and the final adapter tensors (fp32, full). Without DeepSpeed,
+test_hf.py calls train() in its own process. Under ZeRO-3 each run needs its own launch: a second Trainer in the
+same processes does not start afresh (measured: a run meant to stop at step 6 went on to 12).
 """
 import argparse
 import os
@@ -15,14 +17,8 @@ from beamlora_ds import data as data_lib, models  # noqa: E402
 from beamlora_ds.hf import attach  # noqa: E402
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", required=True)
-    p.add_argument("--stop_at", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--ds_stage", type=int, default=-1)
-    p.add_argument("--local_rank", type=int, default=0)
-    args = p.parse_args()
+def train(out: str, stop_at: int = 0, resume: bool = False, ds_stage: int = -1) -> dict:
+    """One Trainer run (in this process); returns, on every process, the reset history and the final adapter."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     tokenizer = models.char_tokenizer()
@@ -33,20 +29,21 @@ def main():
     beam = beamlora_ds.apply(model, beamlora_ds.BeamLoRAConfig(r=4, alpha=8.0, dropout=0.05, interval=4,
                                                                total_steps=12, p0=0.7))
     ds = None
-    if args.ds_stage >= 0:
+    if ds_stage >= 0:
         import datetime
 
         import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param as full_fp32
 
         # on CPU the process group must be gloo; made here, accelerate and the Trainer then use it
         deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
         ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
               "train_batch_size": "auto", "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
-              "zero_optimization": {"stage": args.ds_stage, "stage3_param_persistence_threshold": 0}}
-    training_args = TrainingArguments(output_dir=args.out, max_steps=12, per_device_train_batch_size=4,
+              "zero_optimization": {"stage": ds_stage, "stage3_param_persistence_threshold": 0}}
+    training_args = TrainingArguments(output_dir=out, max_steps=12, per_device_train_batch_size=4,
                                       gradient_accumulation_steps=2, learning_rate=3e-3, save_steps=6,
-                                      logging_steps=1, report_to=[], use_cpu=not torch.cuda.is_available(), seed=0, data_seed=0,
-                                      deepspeed=ds, save_only_model=False, disable_tqdm=True,
+                                      logging_steps=1, report_to=[], use_cpu=not torch.cuda.is_available(), seed=0,
+                                      data_seed=0, deepspeed=ds, save_only_model=False, disable_tqdm=True,
                                       lr_scheduler_type="cosine", warmup_steps=0)
 
     def collate(batch):
@@ -57,22 +54,32 @@ def main():
 
     class StopAt(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
-            if args.stop_at and state.global_step == args.stop_at:
+            if stop_at and state.global_step == stop_at:
                 control.should_training_stop = True
 
     trainer.add_callback(StopAt())
-    trainer.train(resume_from_checkpoint=True if args.resume else None)
-    from deepspeed.utils import safe_get_full_fp32_param
-
+    trainer.train(resume_from_checkpoint=True if resume else None)
     weights = {}
     for name, m in zip(beam.module_names, beam.modules):
         for key in ("lora_A", "lora_B", "lora_score"):
             param = getattr(m, key)
-            full = safe_get_full_fp32_param(param) if ds is not None else None
+            full = full_fp32(param) if ds is not None else None
             weights[f"{name}.{key}"] = (full if full is not None else param.detach()).float().cpu().clone()
-    if trainer.args.process_index == 0:
-        torch.save({"history": [(r["step"], sorted(map(tuple, r["pruned"]))) for r in beam.history],
-                    "global_step": beam.global_step, "weights": weights}, os.path.join(args.out, "result.pt"))
+    return {"history": [(r["step"], sorted(map(tuple, r["pruned"]))) for r in beam.history],
+            "global_step": beam.global_step, "weights": weights, "process_index": trainer.args.process_index}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--stop_at", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--ds_stage", type=int, default=3)
+    p.add_argument("--local_rank", type=int, default=0)
+    args = p.parse_args()
+    result = train(args.out, args.stop_at, args.resume, args.ds_stage)
+    if result.pop("process_index") == 0:
+        torch.save(result, os.path.join(args.out, "result.pt"))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,11 @@ as its final state."""
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
 
+from beamlora_ds import testing
 from beamlora_ds.failpoints import _matches
 from beamlora_ds.telemetry import current_records
 
@@ -35,7 +35,7 @@ def test_unknown_point_is_an_error():
 def test_kill_point_really_sigkills():
     code = "from beamlora_ds.failpoints import kill_point\nkill_point('step', 2)\nkill_point('step', 3)\nprint('alive')"
     env = {**os.environ, "BEAMLORA_DS_KILL_AT": "step@3", "RANK": "0"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    proc = testing.run([sys.executable, "-c", code], timeout=60, env=env)
     assert proc.returncode == -signal.SIGKILL and "alive" not in proc.stdout
 
 

@@ -1,6 +1,6 @@
 """Property-based fuzzing of BeamLoRAConfig.validate() and the pure algorithm in beam.py (issue 8).
 
-The oracles are the spec (BEAMLORA.md sections 2-4) and the labels the strategies attach to what they
+The oracles are the spec (docs/method.md sections 2-4) and the labels the strategies attach to what they
 generate; expected values are computed here in plain Python (exact Fractions, math), not by the code under
 test. derandomize=True: every CI run tries the same examples, so a failure reproduces.
 """
@@ -333,8 +333,9 @@ KEEP = st.one_of(st.sampled_from([k / 64 for k in range(1, 65)]), st.floats(0, 1
 
 
 def spec_pruned(values: list, keep: float) -> set:
-    """BEAMLORA.md 4.1 in exact arithmetic: sort descending (ties: lower global index first), the first position
-    whose cumulative sum exceeds p N r and all after it are pruned; a wiped module keeps its top rank."""
+    """docs/method.md section 4, step 1, in exact arithmetic: sort descending (ties: lower global index first), the
+    first position whose cumulative sum exceeds p N r and all after it are pruned; a wiped module keeps its top
+    rank."""
     n, r = len(values), len(values[0])
     if keep >= 1:
         return set()
@@ -425,8 +426,9 @@ def pairings(draw):
 @FUZZ
 @given(pairings(), st.sampled_from([0.03, 0.05, 1.0]))
 def test_average_scores_follows_the_spec(case, tau):
-    """BEAMLORA.md 4.4: for pairs in ascending j, s_j and s_src both become (s_j + s_src) / 2 of the then-current
-    values. Same shape, input untouched, other logits unchanged, the sum is conserved, importance still sums to r."""
+    """docs/method.md section 4, step 5: for pairs in ascending j, s_j and s_src both become (s_j + s_src) / 2 of the
+    then-current values. Same shape, input untouched, other logits unchanged, the sum is conserved, importance still
+    sums to r."""
     logits, targets, sources = case
     before = torch.tensor(logits)
     out = beam.average_scores(before, targets, sources)

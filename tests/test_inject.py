@@ -65,7 +65,8 @@ def test_apply_twice_is_refused():
         apply(model, cfg())
 
 
-@pytest.mark.parametrize("name", ["builtin-tiny", None])  # None: the real SmolLM2-135M when installed
+# None: the real SmolLM2-135M when installed (converted once, then loaded: about 45 s)
+@pytest.mark.parametrize("name", ["builtin-tiny", pytest.param(None, marks=pytest.mark.slow)])
 def test_meta_skeleton_check_refuses_what_apply_refuses_on_the_loaded_model(name):
     """train.py's pre-check (check_targets on a weightless skeleton) must agree with apply() on the real weights:
     the same refusals word for word, and the same layers accepted."""

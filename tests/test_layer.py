@@ -1,4 +1,4 @@
-"""BeamLoRALinear against stock peft LoRA (the oracle) and against the formula of BEAMLORA.md section 1."""
+"""BeamLoRALinear against stock peft LoRA (the oracle) and against the formula of docs/method.md section 1."""
 import copy
 
 import pytest

@@ -1,16 +1,17 @@
 """benchmarks/score_path.py --quick runs, checks its fused variant against the library's score path, and writes JSON."""
 import json
 import os
-import subprocess
 import sys
+
+from beamlora_ds import testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_score_path_quick(tmp_path):
     out = tmp_path / "score_path.json"
-    proc = subprocess.run([sys.executable, "benchmarks/score_path.py", "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = testing.run([sys.executable, "benchmarks/score_path.py", "--quick", "--json", str(out)], timeout=300,
+                       cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["fused_vs_plain_max_grad_diff"] <= 1e-5

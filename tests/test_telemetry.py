@@ -1,10 +1,10 @@
 """Rank-allocation telemetry from a real controller run's reset records."""
 import json
-import subprocess
 import sys
 
 import pytest
 
+from beamlora_ds import testing
 from beamlora_ds.telemetry import allocation_matrix, plot_allocation, read_resets
 from test_controller import make_run, train_step
 from helpers import regression_batches
@@ -41,6 +41,6 @@ def test_png_is_written_and_a_log_without_resets_is_refused(log_file, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"type": "train", "step": 1}) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "beamlora_ds.telemetry", str(empty), str(tmp_path / "x.png")],
-                          capture_output=True, text=True, timeout=120)
+    proc = testing.run([sys.executable, "-m", "beamlora_ds.telemetry", str(empty), str(tmp_path / "x.png")],
+                       timeout=120)
     assert proc.returncode == 2 and "no reset records" in proc.stderr

@@ -2,10 +2,11 @@
 formulas say, counted independently by DeepSpeed's own comms logger, and the cost model is fitted and extrapolated."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+from beamlora_ds import testing
 
 pytest.importorskip("deepspeed")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -19,8 +20,7 @@ def projection_sums(hidden, intermediate, heads=8, kv_heads=4):
 
 def test_reset_scaling_quick(tmp_path):
     out = tmp_path / "reset_scaling.json"
-    proc = subprocess.run([sys.executable, "benchmarks/reset_scaling.py", "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = testing.run([sys.executable, "benchmarks/reset_scaling.py", "--quick", "--json", out], timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = result["rows"]

@@ -1,24 +1,19 @@
 """benchmarks/reset_cost.py --quick runs under 2 processes and its byte count follows the formula."""
 import json
 import os
-import shutil
-import socket
-import subprocess
 
 import pytest
-from helpers import run_launch  # noqa: E402
+
+from beamlora_ds import testing
 
 pytest.importorskip("deepspeed")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_reset_cost_quick(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "reset_cost.json"
-    proc = run_launch([shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(port),
-                       "benchmarks/reset_cost.py", "--quick", "--json", str(out)], timeout=240, cwd=ROOT)
+    proc = testing.run(testing.deepspeed_command("benchmarks/reset_cost.py", ["--quick", "--json", out]), timeout=240,
+                       cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert "x median step" in proc.stdout

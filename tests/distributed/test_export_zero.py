@@ -7,8 +7,6 @@ distributed job) writes the very same files; --merge gives a plain model with th
 """
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 
@@ -19,9 +17,8 @@ pytest.importorskip("deepspeed")
 peft = pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
-from beamlora_ds import export  # noqa: E402
+from beamlora_ds import export_cli, testing  # noqa: E402
 from helpers import tiny_llama  # noqa: E402
-from helpers import run_launch  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,18 +28,11 @@ R, TAU = 4, 0.05  # as in the worker
 FIXED_IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))  # the worker's fixed input
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("export"))
-    cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), WORKER,
-           "--out_dir", out, "--stages", ",".join(map(str, STAGES))]
-    proc = run_launch(cmd, timeout=TIMEOUT_S, cwd=out)
+    cmd = testing.deepspeed_command(WORKER, ["--out_dir", out, "--stages", ",".join(map(str, STAGES))], nproc=2)
+    proc = testing.run(cmd, timeout=TIMEOUT_S, cwd=out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = torch.load(os.path.join(out, "result.pt"), weights_only=False)
     assert result["world"] == 2
@@ -111,7 +101,7 @@ def test_cli_subprocess_on_the_zero3_checkpoint_writes_the_same_adapter(run):
 def test_cli_on_stage_2_and_0_checkpoints_writes_the_same_adapter(run, stage):
     out, _ = run
     target = os.path.join(out, f"cli{stage}")
-    assert export.main([os.path.join(out, f"ckpt{stage}"), target, "--tag", "global_step8",
+    assert export_cli.main([os.path.join(out, f"ckpt{stage}"), target, "--tag", "global_step8",
                         "--base_model", os.path.join(out, "base")]) == 0
     assert_same_adapter(target, os.path.join(out, f"adapter{stage}"))
 
@@ -129,10 +119,10 @@ def test_cli_refuses_an_existing_adapter_folder(run):
     out, _ = run
     target = os.path.join(out, "adapter3")
     before = sorted(os.listdir(target))
-    assert export.main([os.path.join(out, "ckpt3"), target]) == 2
+    assert export_cli.main([os.path.join(out, "ckpt3"), target]) == 2
     assert sorted(os.listdir(target)) == before
     missing = os.path.join(out, "never_written")
-    assert export.main([os.path.join(out, "ckpt3"), missing, "--tag", "global_step99"]) == 2
+    assert export_cli.main([os.path.join(out, "ckpt3"), missing, "--tag", "global_step99"]) == 2
     assert not os.path.exists(missing)
 
 
@@ -141,7 +131,8 @@ def test_cli_merge_gives_a_plain_model_with_the_engine_logits(run):
 
     out, result = run
     target = os.path.join(out, "merged3")
-    assert export.main([os.path.join(out, "ckpt3"), target, "--merge", "--base_model", os.path.join(out, "base")]) == 0
+    assert export_cli.main([os.path.join(out, "ckpt3"), target, "--merge", "--base_model",
+                            os.path.join(out, "base")]) == 0
     assert "adapter_config.json" not in os.listdir(target)
     merged = AutoModelForCausalLM.from_pretrained(target)
     assert not any("lora" in name for name, _ in merged.named_parameters())

@@ -8,4 +8,4 @@ pytest.importorskip("deepspeed")
 
 
 def test_trainer_zero3_resets_and_resumes_exactly(tmp_path):
-    check_resume_is_exact(tmp_path, "--ds_stage", "3", deepspeed_procs=2)
+    check_resume_is_exact(tmp_path, ds_stage=3, deepspeed_procs=2)

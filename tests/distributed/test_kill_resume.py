@@ -1,7 +1,9 @@
-"""A run SIGKILLed at any moment resumes to exactly the run that was never killed (issue 8).
+"""A run SIGKILLed at any moment, or stopped with --stop_after, resumes to exactly the run that was never killed
+(issue 8).
 
-One output folder per ZeRO stage is killed again and again, each time at a different moment, and resumed with
---resume until the run finishes:
+One output folder per ZeRO stage is stopped once cleanly (--stop_after 2: exit 0, a checkpoint, the next launch
+counts on from step 3), then killed again and again, each time at a different moment, and resumed with --resume
+until the run finishes:
   - named crash points (beamlora_ds/failpoints.py, the process SIGKILLs itself): in a step (between backward and
     the optimizer step), right after a snapshot, in a reset (weights half edited), in a checkpoint write (one
     process's files written, the other's not), between the checkpoint folder's rename and the `latest` update,
@@ -9,68 +11,44 @@ One output folder per ZeRO stage is killed again and again, each time at a diffe
   - random moments: the whole launch (launcher and both workers) SIGKILLed from outside after a random delay, as a
     preempted node would be (seed printed; KILL_RANDOM=N tries N of them per stage).
 After each kill: every checkpoint folder that is not `*.partial` is complete and loadable, and `latest` names one.
-At the end: the loss of every step (as the log stands after its resume records) and the final adapter equal an
-uninterrupted run of the same seed (fp32) within 1e-6.
+At the end: the loss of every step (as the log stands after its resume records) and the final adapter equal the
+uninterrupted run of the same seed (fp32, conftest.py's uninterrupted_run, shared with test_train_entry.py) within
+1e-6.
 """
 import glob
 import json
 import os
 import random
-import shutil
-import signal
-import socket
 import subprocess
-import time
 
 import pytest
 import torch
-from helpers import remove_shm_buffers, run_launch  # noqa: E402
+
+from train_runs import TINY, launch_train, read_log
 
 pytest.importorskip("deepspeed")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = os.path.join(ROOT, "launch", "train.py")
 STEPS = 16
-RUN = ["--model_name_or_path", "builtin-tiny", "--lora_r", "8", "--max_steps", str(STEPS), "--interval", "4",
-       "--p0", "0.8", "--learning_rate", "3e-3", "--logging_steps", "1", "--eval_samples", "0", "--save_steps", "3"]
-# (crash point, rank that dies): snapshots at 2, 6, 10, 14; resets at 4, 8, 12; checkpoints every 3 steps and at 16
-NAMED_KILLS = ["step@5:1", "snapshot@6:0", "reset@8:1", "checkpoint@9:1", "latest@12:0", "RANDOM", "adapter"]
+RUN = [*TINY, "--eval_samples", "0"]
+# (crash point, rank that dies): snapshots at 2, 6, 10, 14; resets at 4, 8, 12; checkpoints every 3 steps and at 16.
+# STOP: a clean --stop_after 2 (checkpointed) before the first kill.
+NAMED_KILLS = ["STOP", "step@5:1", "snapshot@6:0", "reset@8:1", "checkpoint@9:1", "latest@12:0", "RANDOM", "adapter"]
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _command(out_dir, stage, *extra):
-    return [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(_port()), TRAIN,
-            "--ds_config", f"ds_configs/zero{stage}.json", "--output_dir", str(out_dir), *RUN, *extra]
-
-
-def _launch(out_dir, stage, *extra, kill_at=None):
+def _launch(out_dir, stage, *extra, kill_at=None, timeout=300):
     env = {k: v for k, v in os.environ.items() if k != "BEAMLORA_DS_KILL_AT"}
     if kill_at:
         env["BEAMLORA_DS_KILL_AT"] = kill_at
-    return run_launch(_command(out_dir, stage, *extra), timeout=300, cwd=ROOT, env=env)
+    return launch_train(out_dir, "--ds_config", f"ds_configs/zero{stage}.json", *RUN, *extra, timeout=timeout,
+                        env=env)
 
 
 def _launch_and_kill_after(out_dir, stage, delay, *extra):
-    """Start a launch in its own process group and SIGKILL the whole group after `delay` seconds."""
-    cmd = _command(out_dir, stage, *extra)
-    port = cmd[cmd.index("--master_port") + 1]
-    env = {k: v for k, v in os.environ.items() if k != "BEAMLORA_DS_KILL_AT"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    """A launch whose whole process group (launcher and both workers) is SIGKILLed after `delay` seconds."""
     try:
-        proc.wait(timeout=delay)
-        killed = False
+        _launch(out_dir, stage, *extra, timeout=delay)
+        return False
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        killed = True
-    time.sleep(0.5)  # let the kernel reap the workers before their shm files are removed
-    remove_shm_buffers(port)
-    return killed
+        return True
 
 
 def _records(out_dir):
@@ -111,37 +89,54 @@ def _check_checkpoints(out_dir, expected_files):
     return None
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path, stage):
-    reference = tmp_path / "reference"
-    proc = _launch(reference, stage)
+def _stop_cleanly(out, stage):
+    """--stop_after 2: exit 0 with a checkpoint, the log holding steps 1-2 (the next launch goes on from 3)."""
+    proc = _launch(out, stage, "--stop_after", "2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "stopped after step 2" in proc.stdout
+    assert [r["step"] for r in read_log(out) if r["type"] == "train"] == [1, 2]
+
+
+def _kill_again_and_again(out, stage, kills, expected_files, rng):
+    """Each kill in turn (resuming from the second on); what `latest` names after each, and how many random kills
+    landed before their launch ended by itself."""
+    latest_steps, random_kills = [], 0
+    for i, kill in enumerate(kills):
+        resume = ["--resume"] if i > 0 else []
+        had_adapter = os.path.exists(out / "adapter")  # only if a random kill came after the run had finished
+        if kill == "STOP":
+            _stop_cleanly(out, stage)
+        elif kill == "RANDOM":  # anywhere from start-up to the last steps of what remains
+            random_kills += _launch_and_kill_after(out, stage, rng.uniform(4.0, 25.0), *resume)
+        else:
+            proc = _launch(out, stage, *resume, kill_at=kill)
+            output = proc.stdout + proc.stderr
+            assert proc.returncode != 0 and "return code = -9" in output, f"no SIGKILL at {kill}:\n{output[-3000:]}"
+        if i == 1:  # the launch after the clean stop counted on from step 3: no step done twice
+            steps = [r["step"] for r in read_log(out) if r["type"] == "train"]
+            assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3, steps
+        latest_steps.append(_check_checkpoints(out, expected_files))
+        if kill == "adapter":
+            assert os.path.exists(out / "adapter") == had_adapter, "a killed adapter write published a folder"
+    return latest_steps, random_kills
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_stopped_or_killed_anywhere_resumes_to_the_uninterrupted_run(uninterrupted_run, tmp_path, stage):
+    reference, _ = uninterrupted_run(stage)
     expected_losses, expected_adapter = _losses(reference), _adapter(reference)
     assert sorted(expected_losses) == list(range(1, STEPS + 1))
     expected_files = {n for n in os.listdir(reference / "checkpoints" / f"global_step{STEPS}") if n.endswith(".pt")}
     assert {"beamlora_state_rank0.pt", "beamlora_state_rank1.pt"} <= expected_files
 
     seed = int(os.environ.get("KILL_SEED", random.randrange(10**6)))
-    rng = random.Random(seed)
     print(f"KILL_SEED={seed}")
     kills = [k for k in NAMED_KILLS if k != "RANDOM"]
-    kills[5:5] = ["RANDOM"] * int(os.environ.get("KILL_RANDOM", "1"))
+    kills[6:6] = ["RANDOM"] * int(os.environ.get("KILL_RANDOM", "1"))
     out = tmp_path / "killed"
-    latest_steps, random_kills = [], 0
-    for i, kill in enumerate(kills):
-        resume = ["--resume"] if i > 0 else []
-        had_adapter = os.path.exists(out / "adapter")  # only if a random kill came after the run had finished
-        if kill == "RANDOM":  # anywhere from start-up to the last steps of what remains
-            random_kills += _launch_and_kill_after(out, stage, rng.uniform(4.0, 25.0), *resume)
-        else:
-            proc = _launch(out, stage, *resume, kill_at=kill)
-            output = proc.stdout + proc.stderr
-            assert proc.returncode != 0 and "return code = -9" in output, f"no SIGKILL at {kill}:\n{output[-3000:]}"
-        latest_steps.append(_check_checkpoints(out, expected_files))
-        if kill == "adapter":
-            assert os.path.exists(out / "adapter") == had_adapter, "a killed adapter write published a folder"
+    latest_steps, random_kills = _kill_again_and_again(out, stage, kills, expected_files, random.Random(seed))
     print(f"stage {stage}: kills {kills}, latest after each {latest_steps}, random kills that landed {random_kills}")
-    assert latest_steps[:5] == [3, 3, 6, 6, 9]  # each named kill left the previous complete checkpoint
+    assert latest_steps[:6] == [2, 3, 3, 6, 6, 9]  # the stop's checkpoint; each named kill left the previous one
     proc = _launch(out, stage, "--resume")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

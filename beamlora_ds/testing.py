@@ -1,0 +1,201 @@
+"""Starting DeepSpeed processes from tests and benchmarks: one place for what every such launch needs.
+
+- a free master port;
+- a timeout that kills the whole process group (a process stuck in a collective never returns by itself);
+- one retry of the rare native abort ("terminate called without an active exception", no Python error) that
+  gloo + DeepSpeed's CPU shared-memory comm op show about once in a few hundred launches;
+- removal of the 64 MB /dev/shm buffer that DeepSpeed's CPU comm op leaves per process and launch (hundreds of
+  launches would otherwise fill the machine's RAM); see docs/platform.md.
+
+Used by tests/ and benchmarks/ alike; users may find it handy for their own multi-process tests.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Dict, Iterable, List, Optional, Sequence
+
+NATIVE_CRASH = "terminate called without an active exception"
+SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for MASTER_PORT / --master_port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def remove_shm_buffers(port=None, since: Optional[float] = None) -> int:
+    """Unlink DeepSpeed's leftover /dev/shm comm buffers of one master `port` (the files are named
+    ..._<addr>_<port>_<rank>), or (no port) those modified at or after `since` (a time.time() value) that no live
+    process maps: a sweep must not pull the buffer from under a concurrent run whose other rank has yet to open it.
+    Returns how many were removed."""
+    if port is None and since is None:
+        raise ValueError("remove_shm_buffers needs a port or a start time; it never removes every buffer.")
+    pattern = re.compile(rf"_{int(port)}_\d+$") if port is not None else None
+    in_use = _mapped_shm_files() if pattern is None else set()
+    removed = 0
+    for path in glob.glob(SHM_BUFFERS):
+        try:
+            if (pattern.search(os.path.basename(path)) if pattern is not None else
+                    os.path.getmtime(path) >= since and path not in in_use):
+                os.unlink(path)
+                removed += 1
+        except OSError:  # gone already, or another run's
+            pass
+    return removed
+
+
+def _mapped_shm_files() -> set:
+    """The buffer files some live process has mapped (read from /proc/*/maps; unreadable ones are skipped)."""
+    marker = os.path.basename(SHM_BUFFERS).rstrip("*")
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                mapped.update(line.split(None, 5)[5].strip() for line in f if marker in line)
+        except (OSError, IndexError):
+            pass
+    return mapped
+
+
+def deepspeed_command(script: str, args: Iterable = (), nproc: int = 2, port: Optional[int] = None) -> List[str]:
+    """`deepspeed --num_gpus nproc --master_port PORT script args...` (a free port when none is given)."""
+    return [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nproc), "--master_port",
+            str(port or free_port()), str(script), *map(str, args)]
+
+
+def single_process_env(port: Optional[int] = None, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """Environment for a world-of-one DeepSpeed process started with plain `python` (without RANK/MASTER_* it
+    tries MPI discovery and fails)."""
+    env = dict(os.environ if base is None else base)
+    env.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port or free_port())})
+    return env
+
+
+def _master_port(cmd: Sequence) -> Optional[str]:
+    for i, c in enumerate(cmd):
+        c = str(c)
+        if c == "--master_port" and i + 1 < len(cmd):
+            return str(cmd[i + 1])
+        if c.startswith("--master_port="):
+            return c.split("=", 1)[1]
+    return None
+
+
+def _with_port(cmd: Sequence, port: int) -> List[str]:
+    cmd = [str(port) if i > 0 and str(cmd[i - 1]) == "--master_port" else str(c) for i, c in enumerate(cmd)]
+    return [re.sub(r"^--master_port=\d+$", f"--master_port={port}", c) for c in cmd]
+
+
+def _run_once(cmd, timeout, cwd, env, echo_prefix) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own process group; kill the group at `timeout` (raising TimeoutExpired) or when this process
+    is interrupted; remove the /dev/shm buffers of its master port (or of a world-of-one env's MASTER_PORT)
+    afterwards."""
+    port = _master_port(cmd) or (env or {}).get("MASTER_PORT")
+    proc = subprocess.Popen([str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=env, start_new_session=True)
+    timed_out = threading.Event()
+
+    def kill_group():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def on_timeout():
+        timed_out.set()
+        kill_group()
+
+    timer = threading.Timer(timeout, on_timeout)
+    timer.daemon = True
+    timer.start()
+    try:
+        stdout, stderr = _collect(proc, echo_prefix)
+    except BaseException:  # Ctrl-C or an error here must not leave a DeepSpeed launch running
+        kill_group()
+        proc.wait()
+        raise
+    finally:
+        timer.cancel()
+        if port is not None:
+            remove_shm_buffers(port)
+    if timed_out.is_set():
+        raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def _collect(proc: subprocess.Popen, echo_prefix: Optional[str]):
+    """(stdout, stderr) once every process holding the pipes has exited; stdout lines starting with
+    `echo_prefix` are printed as they arrive."""
+    if not echo_prefix:
+        return proc.communicate()
+    err: List[str] = []
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith(echo_prefix):
+            print(line[len(echo_prefix):], end="", flush=True)
+    proc.wait()
+    reader.join()
+    return "".join(out), "".join(err)
+
+
+def run(cmd: Sequence, timeout: float, cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+        echo_prefix: Optional[str] = None) -> subprocess.CompletedProcess:
+    """Run a (multi-process) command, capturing stdout and stderr; returns the CompletedProcess whatever the exit.
+
+    Kills the whole process group and raises subprocess.TimeoutExpired after `timeout` seconds. A native abort with
+    no Python error is retried once on a new master port; a Python exception, failed assertion or timeout is not.
+    Lines of stdout starting with `echo_prefix` are printed as they arrive (without the prefix).
+    """
+    proc = _run_once(cmd, timeout, cwd, env, echo_prefix)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0 and NATIVE_CRASH in output and "Traceback" not in output:
+        print(f"retrying a launch that aborted natively: {' '.join(map(str, cmd))[:200]}", file=sys.stderr)
+        port = free_port()
+        cmd = _with_port(cmd, port)
+        if env is not None and "MASTER_PORT" in env:
+            env = dict(env, MASTER_PORT=str(port))
+        proc = _run_once(cmd, timeout, cwd, env, echo_prefix)
+    return proc
+
+
+def launch(script: str, args: Iterable = (), nproc: int = 2, timeout: float = 3600, cwd: Optional[str] = None,
+           echo_prefix: Optional[str] = None) -> str:
+    """`script args` under `deepspeed --num_gpus nproc`; returns stdout + stderr, raises RuntimeError (with the
+    output's tail) when the launch fails or runs past `timeout` seconds."""
+    cmd = deepspeed_command(os.path.abspath(script), args, nproc)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    try:
+        proc = run(cmd, timeout, cwd=cwd, env=env, echo_prefix=echo_prefix)
+    except subprocess.TimeoutExpired as e:
+        tail = ((e.output or "") + (e.stderr or ""))[-6000:]
+        raise RuntimeError(f"killed after {timeout} s: {' '.join(cmd)}\n{tail}") from None
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"failed (exit {proc.returncode}): {' '.join(cmd)}\n{output[-6000:]}")
+    return output
+
+
+def launch_for_json(script: str, args: Iterable, out_flag: str, **launch_kwargs) -> dict:
+    """`launch` with `out_flag PATH` appended, PATH a temporary file the worker writes its JSON result to; returns
+    it. The file is gone afterwards whether the launch succeeded or not."""
+    with tempfile.TemporaryDirectory(prefix="beamlora_launch_") as folder:
+        path = os.path.join(folder, "result.json")
+        launch(script, [*args, out_flag, path], **launch_kwargs)
+        with open(path) as f:
+            return json.load(f)

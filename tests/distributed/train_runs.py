@@ -1,0 +1,23 @@
+"""launch/train.py under `deepspeed` from the tests here: the command, the tiny run they share, its log."""
+import json
+import os
+
+from beamlora_ds import testing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TRAIN = os.path.join(ROOT, "launch", "train.py")
+# the tiny built-in model, 16 steps: snapshots at 2, 6, 10, 14; resets at 4, 8, 12; checkpoints every 3 steps and at 16
+TINY = ["--model_name_or_path", "builtin-tiny", "--lora_r", "8", "--max_steps", "16", "--interval", "4",
+        "--p0", "0.8", "--learning_rate", "3e-3", "--logging_steps", "1", "--save_steps", "3"]
+
+
+def launch_train(out_dir, *args, nproc=2, timeout=300, env=None):
+    """`deepspeed --num_gpus nproc launch/train.py --output_dir out_dir args...` through beamlora_ds.testing.run."""
+    cmd = testing.deepspeed_command(TRAIN, ["--output_dir", out_dir, *args], nproc)
+    return testing.run(cmd, timeout=timeout, cwd=ROOT, env=env)
+
+
+def read_log(out_dir):
+    """Every record of a run's log.jsonl, as written (a resumed run's redone steps included)."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
