@@ -1,7 +1,8 @@
 """BeamLoRA for DeepSpeed-scale fine-tuning: adaptive-rank LoRA that prunes weak ranks and refills them."""
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import BeamLoRAConfig, ConfigError
-from .export import merge_adapter, save_adapter, save_merged
+from .export import save_adapter
+from .merge import merge_adapter, save_merged
 from .controller import BeamController
 from .inject import apply, find_beamlora_modules, optimizer_param_groups
 from . import quant

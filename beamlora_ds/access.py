@@ -55,6 +55,25 @@ class PlatformAccess:
         return True
 
 
+def is_deepspeed_engine(obj) -> bool:
+    """True for a DeepSpeed engine (by class name, so that importing this module never imports DeepSpeed)."""
+    return any(cls.__name__ == "DeepSpeedEngine" for cls in type(obj).__mro__)
+
+
+def is_model_wrapper(obj) -> bool:
+    """True for a DeepSpeed engine, DDP or DataParallel around a model (`.module`)."""
+    names = {cls.__name__ for cls in type(obj).__mro__}
+    return bool(names & {"DeepSpeedEngine", "DistributedDataParallel", "DataParallel"}) and hasattr(obj, "module")
+
+
+def unwrap_model(model_or_engine) -> torch.nn.Module:
+    """The user's model inside a DeepSpeed engine (or DDP): exported key names must not carry `module.`."""
+    model = model_or_engine
+    while is_model_wrapper(model):
+        model = model.module
+    return model
+
+
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     """Accept wrappers that hold a torch optimizer in `.optimizer` (accelerate, HF)."""
     seen = 0

@@ -1,14 +1,20 @@
 """Crash-safe file system moves: a reader sees the old folder or the complete new one, never a mix.
 
 A SIGKILL, a preemption or a full disk can stop a writer anywhere. So every folder we publish (adapters,
-checkpoint tags) is filled under a temporary name, flushed to disk, and renamed into place; pointer files
-(`latest`) are replaced by rename too. POSIX rename is atomic on one file system.
+merged models, checkpoint tags) is filled under a temporary name, flushed to disk, and renamed into place;
+pointer files (`latest`) are replaced by rename too. POSIX rename is atomic on one file system. And nothing a
+user had is replaced unless asked (`overwrite`), nor anything that does not look like what we write.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import shutil
 import tempfile
+from typing import Iterator, Optional
+
+from .failpoints import kill_point
 
 
 def fsync_tree(folder: str) -> None:
@@ -67,6 +73,52 @@ def replace_dir(tmp: str, out_dir: str) -> None:
 
 
 def umask() -> int:
+    """The process's umask, read without changing it: mkdtemp makes 0700 folders, a published one gets the
+    mode any new folder would."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def out_dir_problem(out_dir: str, overwrite: bool) -> Optional[str]:
+    """Why `out_dir` must not be written (None when it may): never clobber a folder unasked, nor a non-folder."""
+    if not os.path.lexists(out_dir):
+        return None
+    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+        return f"{out_dir!r} exists and is not a folder; choose another output path."
+    entries = os.listdir(out_dir)
+    if not entries:
+        return None
+    if not overwrite:
+        return (f"{out_dir!r} exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it, "
+                "or choose a new folder.")
+    folders = sorted(e for e in entries if os.path.isdir(os.path.join(out_dir, e)))
+    if folders:
+        return (f"{out_dir!r} holds folders ({folders[:3]}): overwrite replaces the whole folder, and an adapter "
+                "or merged-model folder has none, so this looks like something else (a run or checkpoint folder). "
+                "Choose another output folder.")
+    return None
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str, overwrite: bool) -> Iterator[str]:
+    """Yield a temporary sibling of `out_dir` to fill; on success rename it into place (replacing the old folder
+    when `overwrite`), on error delete it. Readers see the old folder or the complete new one, never a mix."""
+    problem = out_dir_problem(out_dir, overwrite)
+    if problem:
+        raise FileExistsError(problem)
+    out_dir = os.path.abspath(out_dir)
+    parent, base = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    for stale in glob.glob(os.path.join(parent, f".{glob.escape(base)}.partial-*")):  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.partial-", dir=parent)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~umask())
+        fsync_tree(tmp)
+        kill_point("adapter")
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

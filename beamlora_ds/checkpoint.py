@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import ranks
 from .atomic import fsync_tree, replace_dir, write_text_atomically
 from .controller import BeamController
 from .failpoints import kill_point
@@ -22,10 +23,12 @@ STATE_FILE = "beamlora_state_rank{rank}.pt"
 PARTIAL = ".partial"  # suffix of a checkpoint folder still being written
 
 
-def _rank() -> int:
-    import deepspeed.comm as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
+def validate_tag(tag: str) -> str:
+    """`tag` when it can name a checkpoint folder beside `latest` and the `.partial` staging folders."""
+    if tag in ("", ".", "..", "latest") or os.sep in tag or tag.endswith(PARTIAL):
+        raise ValueError(f"checkpoint tag {tag!r}: use a plain folder name (not 'latest', no '/', not ending in "
+                         f"{PARTIAL!r}).")
+    return tag
 
 
 def save_checkpoint(engine, beam: BeamController, save_dir: str, tag: Optional[str] = None,
@@ -37,62 +40,44 @@ def save_checkpoint(engine, beam: BeamController, save_dir: str, tag: Optional[s
     the folder is flushed to disk and renamed to `<tag>`, and only then does `latest` move to it. A process killed
     at any moment leaves `latest` naming the previous complete checkpoint; the next save clears the leftovers.
     """
-    tag = str(tag or f"global_step{engine.global_steps}")
-    if tag in ("", ".", "..", "latest") or os.sep in tag or tag.endswith(PARTIAL):
-        raise ValueError(f"checkpoint tag {tag!r}: use a plain folder name (not 'latest', no '/', not ending in "
-                         f"{PARTIAL!r}).")
+    tag = validate_tag(str(tag or f"global_step{engine.global_steps}"))
     staging = tag + PARTIAL
     folder = os.path.join(save_dir, staging)
-    owner = _owns_folders(engine)
+    owner = ranks.owns_folders(engine)
     if owner:  # leftovers of saves that were killed half-way
         os.makedirs(save_dir, exist_ok=True)
         for stale in glob.glob(os.path.join(glob.escape(save_dir), "*" + PARTIAL)):
             shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
+    ranks.barrier()
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, STATE_FILE.format(rank=_rank()))
+    path = os.path.join(folder, STATE_FILE.format(rank=ranks.rank()))
     torch.save({"beamlora": beam.state_dict(), "rng": rng_state()}, path)
     kill_point("checkpoint", engine.global_steps)
-    engine.save_checkpoint(save_dir, tag=staging, client_state=client_state or {}, save_latest=False)  # ends in a barrier
+    # DeepSpeed's save ends in a barrier: after it, every process has written its part of the staging folder
+    engine.save_checkpoint(save_dir, tag=staging, client_state=client_state or {}, save_latest=False)
     if owner:
         fsync_tree(folder)
         replace_dir(folder, os.path.join(save_dir, tag))
         kill_point("latest", engine.global_steps)
         write_text_atomically(os.path.join(save_dir, "latest"), tag)
-    _barrier()
+    ranks.barrier()
     return tag
-
-
-def _owns_folders(engine) -> bool:
-    """The one process that renames folders and moves `latest`: global rank 0 on a shared file system, each
-    node's local rank 0 with DeepSpeed's node-local checkpoint storage."""
-    import deepspeed.comm as dist
-
-    if not dist.is_initialized():
-        return True
-    local = getattr(engine, "use_node_local_storage", lambda: False)()
-    return (engine.local_rank if local else dist.get_rank()) == 0
-
-
-def _barrier() -> None:
-    import deepspeed.comm as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[str] = None) -> Tuple[str, dict]:
     """`engine.load_checkpoint` plus the BeamLoRA state of this process; returns (path, client_state)."""
     if tag is None:
         latest = os.path.join(load_dir, "latest")
-        _all_ranks_or_raise(os.path.isfile(latest), f"No checkpoint to resume in {load_dir!r}: it has no 'latest' file.")
+        ranks.all_ranks_or_raise(os.path.isfile(latest), f"No checkpoint to resume in {load_dir!r}: it has no "
+                                 "'latest' file.")
         with open(latest) as f:
             tag = f.read().strip()
-    _all_ranks_or_raise(os.path.isdir(os.path.join(load_dir, tag)), f"{load_dir}/latest names {tag!r}, which is not a "
-                        "folder there: the checkpoint was moved or deleted. Point --output_dir at the run's folder.")
-    state_path = os.path.join(load_dir, tag, STATE_FILE.format(rank=_rank()))
-    _all_ranks_or_raise(os.path.isfile(state_path), f"{state_path} is missing on some process: the checkpoint {tag!r} "
-                        "was not written by beamlora_ds.save_checkpoint with this number of processes.")
+    ranks.all_ranks_or_raise(os.path.isdir(os.path.join(load_dir, tag)), f"{load_dir}/latest names {tag!r}, which "
+                             "is not a folder there: the checkpoint was moved or deleted. Point --output_dir at the "
+                             "run's folder.")
+    state_path = os.path.join(load_dir, tag, STATE_FILE.format(rank=ranks.rank()))
+    ranks.all_ranks_or_raise(os.path.isfile(state_path), f"{state_path} is missing on some process: the checkpoint "
+                             f"{tag!r} was not written by beamlora_ds.save_checkpoint with this number of processes.")
     path, client_state = engine.load_checkpoint(load_dir, tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag!r} from {load_dir!r}.")
@@ -100,20 +85,6 @@ def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[s
     beam.load_state_dict(state["beamlora"])
     set_rng_state(state["rng"])
     return path, client_state
-
-
-def _all_ranks_or_raise(ok: bool, message: str) -> None:
-    """Raise on every process when any process is not ok, so that none is left waiting in a collective."""
-    import deepspeed.comm as dist
-
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        from deepspeed.accelerator import get_accelerator
-
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=get_accelerator().current_device_name())
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        ok = bool(flag.item())
-    if not ok:
-        raise FileNotFoundError(message)
 
 
 def rng_state() -> dict:
@@ -131,6 +102,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Put back the streams rng_state() saved (numpy and CUDA only where they were saved and are present)."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "numpy" in state:

@@ -16,8 +16,9 @@ import os
 import torch
 from transformers import TrainerCallback
 
-from .checkpoint import STATE_FILE, _all_ranks_or_raise
+from .checkpoint import STATE_FILE
 from .controller import BeamController
+from .ranks import all_ranks_or_raise
 
 
 def attach(trainer, beam: BeamController) -> "BeamLoRACallback":
@@ -50,9 +51,9 @@ class BeamLoRACallback(TrainerCallback):
         if state.global_step > 0 and self.beam.global_step != state.global_step:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             path = os.path.join(folder, STATE_FILE.format(rank=self._rank()))
-            _all_ranks_or_raise(os.path.isfile(path), f"The Trainer resumed at step {state.global_step} but {path} "
-                                "is missing on some process: BeamLoRACallback saves BeamLoRA's state (snapshot, step "
-                                "count) into each checkpoint-N folder of output_dir. Resume from such a checkpoint.")
+            all_ranks_or_raise(os.path.isfile(path), f"The Trainer resumed at step {state.global_step} but {path} "
+                               "is missing on some process: BeamLoRACallback saves BeamLoRA's state (snapshot, step "
+                               "count) into each checkpoint-N folder of output_dir. Resume from such a checkpoint.")
             self.beam.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["beamlora"])
             # RNG states: the Trainer restores its own from the same checkpoint
 

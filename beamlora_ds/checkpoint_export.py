@@ -1,0 +1,159 @@
+"""A peft adapter (or a merged model) from a DeepSpeed checkpoint folder, offline: no GPUs, no distributed job.
+
+A training job that died, or ran on a cluster, leaves checkpoints; this turns one into the same files
+save_adapter writes (docs/method.md section 6). The fp32 master is rebuilt from any ZeRO stage's files with
+DeepSpeed's own zero_to_fp32; r, alpha, tau and the module names come from the controller state that
+beamlora_ds.save_checkpoint wrote beside them.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .adapter_format import TENSOR_KEYS, AdapterState, target_modules_from_config, write_adapter
+from .atomic import out_dir_problem
+from .checkpoint import STATE_FILE
+from .merge import merge_state_into, save_merged
+
+logger = logging.getLogger(__name__)
+
+CONTROLLER_STATE_FILE = STATE_FILE.format(rank=0)  # written by beamlora_ds.save_checkpoint in the tag folder
+
+
+def resolve_tag(checkpoint_dir: str, tag: Optional[str]) -> str:
+    """`tag`, else the one named in the checkpoint folder's `latest` file."""
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"Checkpoint folder {checkpoint_dir!r} does not exist.")
+    if tag:
+        return tag
+    latest = os.path.join(checkpoint_dir, "latest")
+    if not os.path.isfile(latest):
+        tags = sorted(d for d in os.listdir(checkpoint_dir) if os.path.isdir(os.path.join(checkpoint_dir, d)))
+        raise FileNotFoundError(f"{checkpoint_dir!r} has no 'latest' file; pass --tag, one of {tags[:5]}.")
+    with open(latest) as f:
+        return f.read().strip()
+
+
+def controller_state(tag_dir: str) -> dict:
+    """The BeamController.state_dict() saved by beamlora_ds.save_checkpoint (r, alpha, tau, module names)."""
+    path = os.path.join(tag_dir, CONTROLLER_STATE_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: this checkpoint was not written by beamlora_ds.save_checkpoint, "
+                                "so tau and the module names are unknown. Save checkpoints with "
+                                "beamlora_ds.save_checkpoint(engine, beam, dir).")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    state = saved.get("beamlora", saved)  # {"beamlora": state_dict, "rng": ...} or the bare state_dict
+    if "config" not in state or "module_names" not in state:
+        raise ValueError(f"{path} does not hold a BeamController state (no 'config'/'module_names').")
+    return state
+
+
+def fp32_weights_from_checkpoint(tag_dir: str, checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
+    """Trainable weights as full fp32 tensors (lazily, not materialised), from any ZeRO stage's files."""
+    if glob.glob(os.path.join(tag_dir, "*_optim_states.pt")):  # ZeRO 1-3: rebuild the fp32 master
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag, exclude_frozen_parameters=True,
+                                                        lazy_mode=True)
+    path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")  # ZeRO-0: the whole module is in the model file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{tag_dir!r} holds neither ZeRO optimizer shards nor mp_rank_00_model_states.pt: "
+                                "not a DeepSpeed checkpoint folder.")
+    module = torch.load(path, map_location="cpu", weights_only=False)["module"]
+    low = sorted({str(t.dtype) for k, t in module.items() if "lora_" in k and t.dtype != torch.float32})
+    if low:
+        logger.warning("ZeRO stage 0 checkpoint stores the adapter in %s; exporting that precision.", low)
+    return module
+
+
+def adapter_state_from_checkpoint(checkpoint_dir: str, tag: Optional[str] = None) -> Tuple[AdapterState, dict]:
+    """The unfolded adapter and the BeamLoRA config of a DeepSpeed checkpoint; no distributed job needed."""
+    tag = resolve_tag(checkpoint_dir, tag)
+    tag_dir = os.path.join(checkpoint_dir, tag)
+    if not os.path.isdir(tag_dir):
+        raise FileNotFoundError(f"No checkpoint {tag!r} in {checkpoint_dir!r}.")
+    ctrl = controller_state(tag_dir)
+    config = ctrl["config"]
+    weights = fp32_weights_from_checkpoint(tag_dir, checkpoint_dir, tag)
+    state = AdapterState(r=int(config["r"]), alpha=float(config["alpha"]), tau=float(config["tau"]),
+                         dropout=float(config.get("dropout", 0.0)))
+    missing = []
+    for name in ctrl["module_names"]:
+        for key in TENSOR_KEYS:
+            found = _lookup(weights, f"{name}.{key}")
+            if found is None:
+                missing.append(f"{name}.{key}")
+                continue
+            getattr(state, key)[name] = _materialise(found).float().clone()
+    if missing:
+        raise ValueError(f"The checkpoint's weights lack {len(missing)} adapter tensors (e.g. {missing[:3]}); were "
+                         "adapter parameters frozen or renamed? Nothing was written.")
+    _check_checkpoint_shapes(state)
+    return state, config
+
+
+def _lookup(weights: dict, key: str):
+    """`key`, with or without a wrapper's `module.` prefix."""
+    for candidate in (key, "module." + key):
+        if candidate in weights:
+            return weights[candidate]
+    if key.startswith("module.") and key[len("module."):] in weights:
+        return weights[key[len("module."):]]
+    return None
+
+
+def _materialise(tensor) -> torch.Tensor:
+    return tensor if isinstance(tensor, torch.Tensor) else tensor.contiguous()  # zero_to_fp32 lazy tensors
+
+
+def _check_checkpoint_shapes(state: AdapterState) -> None:
+    for name in state.module_names:
+        a, b, s = state.lora_A[name], state.lora_B[name], state.lora_score[name]
+        fits = a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1] == state.r and tuple(s.shape) == (state.r,)
+        if not fits:
+            raise ValueError(f"{name}: A {tuple(a.shape)}, B {tuple(b.shape)}, score {tuple(s.shape)} do not fit "
+                             f"r={state.r}. The checkpoint and its BeamLoRA state disagree; nothing was written.")
+
+
+def export_checkpoint(checkpoint_dir: str, out_dir: str, tag: Optional[str] = None, base_model: Optional[str] = None,
+                      merge: bool = False, overwrite: bool = False, task_type: Optional[str] = "CAUSAL_LM") -> str:
+    """What `beamlora-export` does: a peft adapter (or, with merge, a merged model) from a DeepSpeed checkpoint."""
+    problem = out_dir_problem(out_dir, overwrite)
+    if problem:
+        raise FileExistsError(problem)
+    if merge and not base_model:
+        raise ValueError("--merge needs --base_model PATH: the base weights are not in the adapter checkpoint.")
+    state, config = adapter_state_from_checkpoint(checkpoint_dir, tag)
+    if merge:
+        return _export_merged(state, base_model, out_dir, overwrite)
+    targets = target_modules_from_config(config.get("target_modules", []), state.module_names)
+    write_adapter(state, out_dir, targets, task_type, base_model, overwrite)
+    logger.info("Wrote a peft LoRA adapter (%d modules, r=%d, score folded into A) to %s",
+                len(state.module_names), state.r, out_dir)
+    return out_dir
+
+
+def _export_merged(state: AdapterState, base_model: str, out_dir: str, overwrite: bool) -> str:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype="auto")
+    merge_state_into(model, state)
+    tokenizer = _tokenizer_or_none(base_model)
+    save_merged(model, out_dir, overwrite=overwrite, tokenizer=tokenizer)
+    logger.info("Merged %d BeamLoRA modules into %s and saved the model to %s", len(state.module_names),
+                base_model, out_dir)
+    return out_dir
+
+
+def _tokenizer_or_none(path: str):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError):
+        logger.info("No tokenizer in %s; the merged folder holds the model only.", path)
+        return None

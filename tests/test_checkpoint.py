@@ -1,0 +1,47 @@
+"""checkpoint.py in one process: tag validation, the refusals of load_checkpoint, and the RNG round trip. Real
+DeepSpeed saves and resumes (killed at every step of a save): tests/distributed/test_kill_resume.py."""
+import random
+import types
+
+import pytest
+import torch
+
+from beamlora_ds import checkpoint
+from beamlora_ds.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, validate_tag
+
+
+@pytest.mark.parametrize("tag", ["", ".", "..", "latest", "a/b", "global_step4.partial"])
+def test_a_tag_that_cannot_name_a_checkpoint_folder_is_refused(tag):
+    with pytest.raises(ValueError, match="plain folder name"):
+        validate_tag(tag)
+
+
+def test_a_plain_tag_is_accepted():
+    assert validate_tag("global_step4") == "global_step4"
+    assert validate_tag("best-so-far") == "best-so-far"
+
+
+def test_save_checkpoint_refuses_a_bad_tag_before_writing(tmp_path):
+    engine = types.SimpleNamespace(global_steps=3)  # never reached: the tag is checked first
+    with pytest.raises(ValueError, match="plain folder name"):
+        save_checkpoint(engine, beam=None, save_dir=str(tmp_path / "ckpt"), tag="latest")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_load_checkpoint_explains_a_missing_or_moved_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no 'latest' file"):
+        load_checkpoint(engine=None, beam=None, load_dir=str(tmp_path))
+    (tmp_path / "latest").write_text("global_step8")
+    with pytest.raises(FileNotFoundError, match="moved or deleted"):
+        load_checkpoint(engine=None, beam=None, load_dir=str(tmp_path))
+    (tmp_path / "global_step8").mkdir()
+    with pytest.raises(FileNotFoundError, match=checkpoint.STATE_FILE.format(rank=0)):
+        load_checkpoint(engine=None, beam=None, load_dir=str(tmp_path))
+
+
+def test_rng_state_round_trip_repeats_the_draws():
+    state = rng_state()
+    first = (random.random(), torch.rand(3))
+    set_rng_state(state)
+    second = (random.random(), torch.rand(3))
+    assert first[0] == second[0] and torch.equal(first[1], second[1])

@@ -1,0 +1,49 @@
+"""Reading a DeepSpeed checkpoint folder offline (checkpoint_export.py): which tag, the controller state, the
+refusals. Real ZeRO 0/2/3 checkpoints: tests/distributed/test_export_zero.py."""
+import os
+
+import pytest
+import torch
+
+from beamlora_ds import checkpoint_export
+from beamlora_ds.checkpoint_export import controller_state, export_checkpoint, resolve_tag
+
+
+def test_checkpoint_keys_are_found_with_or_without_a_module_prefix():
+    weights = {"module.model.q_proj.lora_A": torch.ones(1), "model.v_proj.lora_A": torch.zeros(1)}
+    assert checkpoint_export._lookup(weights, "model.q_proj.lora_A") is weights["module.model.q_proj.lora_A"]
+    assert checkpoint_export._lookup(weights, "module.model.v_proj.lora_A") is weights["model.v_proj.lora_A"]
+    assert checkpoint_export._lookup(weights, "model.k_proj.lora_A") is None
+
+
+def test_resolve_tag_prefers_the_given_tag_then_latest(tmp_path):
+    (tmp_path / "global_step4").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no 'latest' file; pass --tag, one of \['global_step4'\]"):
+        resolve_tag(str(tmp_path), None)
+    (tmp_path / "latest").write_text("global_step4\n")
+    assert resolve_tag(str(tmp_path), None) == "global_step4"
+    assert resolve_tag(str(tmp_path), "global_step2") == "global_step2"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_tag(str(tmp_path / "nowhere"), None)
+
+
+def test_controller_state_needs_the_file_save_checkpoint_writes(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not written by beamlora_ds.save_checkpoint"):
+        controller_state(str(tmp_path))
+    torch.save({"beamlora": {"config": {"r": 4}, "module_names": ["q"]}, "rng": {}},
+               tmp_path / checkpoint_export.CONTROLLER_STATE_FILE)
+    assert controller_state(str(tmp_path))["module_names"] == ["q"]
+    torch.save({"something": 1}, tmp_path / checkpoint_export.CONTROLLER_STATE_FILE)
+    with pytest.raises(ValueError, match="does not hold a BeamController state"):
+        controller_state(str(tmp_path))
+
+
+def test_export_checkpoint_refuses_before_reading_anything(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_checkpoint(str(tmp_path / "no_checkpoint"), str(out))
+    with pytest.raises(ValueError, match="--merge needs --base_model"):
+        export_checkpoint(str(tmp_path / "no_checkpoint"), str(tmp_path / "fresh"), merge=True)
+    assert os.listdir(out) == ["mine.txt"] and not os.path.exists(tmp_path / "fresh")
