@@ -1,4 +1,4 @@
-"""The BeamLoRA algorithm as pure functions on plain tensors (BEAMLORA.md sections 2-4).
+"""The BeamLoRA algorithm as pure functions on plain tensors (docs/method.md sections 2-4).
 
 No state, no torch.distributed, no DeepSpeed: every function here gives the same answer on every process
 for the same inputs, which is what lets all ranks of a job decide a reset without talking to each other.

@@ -7,8 +7,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
-# The seven linear projections of a Llama-style decoder layer (BEAMLORA.md section 7).
+# The seven linear projections of a Llama-style decoder layer (docs/method.md section 7).
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Fields a resumed run must share with its checkpoint: the reset schedule, its decisions and the adapter's scale
+# depend on them (checked by BeamController.load_state_dict; launch/train.py checks their flags before loading).
+RESUME_FIELDS = ("r", "alpha", "tau", "interval", "p0", "t_end", "total_steps", "optimizer_state", "importance", "seed")
 
 OPTIMIZER_STATE_MODES = ("inherit", "keep")
 IMPORTANCE_CRITERIA = ("score", "norm")

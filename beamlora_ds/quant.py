@@ -43,6 +43,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .ds_config import zero_stage
+from .support import UnsupportedSetupError, check_zero_support
+
 logger = logging.getLogger(__name__)
 
 MIN_BITSANDBYTES = "0.43.0"  # first release with bnb_4bit_quant_storage (needed to partition 4-bit weights)
@@ -99,24 +102,12 @@ def check_4bit_request(ds_config: Optional[dict], compute_dtype: torch.dtype = t
     model's dtype (non-quantized parameters, 4-bit storage) is its training dtype. Without DeepSpeed it is
     `model_dtype` (default fp32).
     """
-    try:
-        import bitsandbytes
-    except Exception as e:  # ImportError, or a broken install failing while it loads its native library
-        raise QuantizationError(f"4-bit (nf4) bases need bitsandbytes, which cannot be imported here "
-                                f"({type(e).__name__}: {e}). Install it with: "
-                                f"pip install 'bitsandbytes>={MIN_BITSANDBYTES}' - or train without quantization "
-                                "(--quantization none).") from e
-    from packaging.version import Version
-
-    version = getattr(bitsandbytes, "__version__", "0")
-    if Version(version) < Version(MIN_BITSANDBYTES):
-        raise QuantizationError(f"bitsandbytes {version} is too old for 4-bit bases under DeepSpeed: it has no "
-                                f"quant_storage. Upgrade: pip install -U 'bitsandbytes>={MIN_BITSANDBYTES}'.")
+    _check_bitsandbytes()
     if compute_dtype not in COMPUTE_DTYPES:
         raise QuantizationError(f"compute_dtype={compute_dtype!r}: use torch.bfloat16, torch.float16 or torch.float32.")
     if not isinstance(double_quant, bool):
         raise QuantizationError(f"double_quant={double_quant!r}: use True or False.")
-    stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
+    stage = zero_stage(ds_config)
     if stage == 3 and device_map is not None:
         raise QuantizationError(f"device_map={device_map!r} under ZeRO stage 3: DeepSpeed places and partitions the "
                                 "model itself (transformers refuses a device_map with ZeRO-3). Remove device_map; each "
@@ -146,15 +137,33 @@ def check_4bit_request(ds_config: Optional[dict], compute_dtype: torch.dtype = t
                                 f"to {_name(compute_dtype)} (fp16 overflows above 65504, bf16 keeps 8 bits of "
                                 f"mantissa). Use compute_dtype={_name(model_dtype)}, or make the DeepSpeed config's "
                                 "bf16/fp16 section match the compute dtype.")
-    if model_dtype in halves and stage == 0 and ds_config:
-        raise QuantizationError(f"ZeRO stage 0 with {_name(model_dtype)}: BeamLoRA cannot edit DeepSpeed's private "
-                                "fp32 copies there. Use ZeRO stage 2 (ds_configs/qlora_single.json for one GPU: with "
-                                "one process it partitions nothing) or stage 3 (ds_configs/qlora_zero3.json).")
+    if ds_config:  # without DeepSpeed there is no ZeRO setup to refuse
+        try:
+            check_zero_support(stage, _name(model_dtype), four_bit=True)
+        except UnsupportedSetupError as e:
+            raise QuantizationError(str(e)) from e
     if compute_dtype == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         raise QuantizationError("bf16 compute on a GPU without bf16 support: train in fp32 (no --bf16; compute fp32), "
                                 "or use a GPU with bf16 (Ampere or newer).")
     return FourBitSettings(compute_dtype=compute_dtype, quant_storage=storage, model_dtype=model_dtype,
                            double_quant=double_quant, zero_stage=stage)
+
+
+def _check_bitsandbytes() -> None:
+    """bitsandbytes importable and recent enough to store 4-bit weights as the training dtype."""
+    try:
+        import bitsandbytes
+    except Exception as e:  # ImportError, or a broken install failing while it loads its native library
+        raise QuantizationError(f"4-bit (nf4) bases need bitsandbytes, which cannot be imported here "
+                                f"({type(e).__name__}: {e}). Install it with: "
+                                f"pip install 'bitsandbytes>={MIN_BITSANDBYTES}' - or train without quantization "
+                                "(--quantization none).") from e
+    from packaging.version import Version
+
+    version = getattr(bitsandbytes, "__version__", "0")
+    if Version(version) < Version(MIN_BITSANDBYTES):
+        raise QuantizationError(f"bitsandbytes {version} is too old for 4-bit bases under DeepSpeed: it has no "
+                                f"quant_storage. Upgrade: pip install -U 'bitsandbytes>={MIN_BITSANDBYTES}'.")
 
 
 def load_4bit_model(path: str, ds_config: Optional[dict], compute_dtype: torch.dtype = torch.bfloat16,

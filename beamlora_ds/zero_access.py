@@ -20,6 +20,7 @@ import torch
 from .access import PlatformAccess, RankStats
 from .beam import ModuleReset
 from .layer import BeamLoRALinear
+from .support import check_engine_support
 
 logger = logging.getLogger(__name__)
 
@@ -139,10 +140,7 @@ class ZeroAccess(PlatformAccess):
                 if not (hasattr(p, "_hp_mapping") if self.stage in (1, 2) else hasattr(p, "_z3_optimizer")):
                     raise ValueError(f"A BeamLoRA {name} is not in the DeepSpeed optimizer. Build the optimizer from "
                                      "the trainable parameters after beamlora_ds.apply() (optimizer_param_groups).")
-        offload_param = getattr(getattr(engine, "zero_offload_param", lambda: None)(), "device", None)
-        if str(getattr(offload_param, "value", offload_param)).lower() == "nvme":
-            raise ValueError("BeamLoRA cannot edit ZeRO-3 parameters swapped out to NVMe (offload_param.device "
-                             "\"nvme\"); offload parameters to \"cpu\" instead (optimizer states may stay on NVMe).")
+        check_engine_support(engine)  # NVMe parameter offload: out of reach of any edit (support.py)
 
     # ------------------------------------------------------------------------------------------- helpers
     @property
@@ -293,3 +291,31 @@ def _row_positions(rows: torch.Tensor, width: int) -> torch.Tensor:
 def _col_positions(cols: torch.Tensor, height: int, r: int) -> torch.Tensor:
     """Flat positions of whole columns of a (height x r) row-major tensor, in the order B[:, cols].reshape(-1)."""
     return (torch.arange(height)[:, None] * r + cols[None, :]).reshape(-1)
+
+
+def is_zero3_param(param: torch.Tensor) -> bool:
+    """True for a ZeRO-3 parameter: each process holds only a shard (`numel() == 0` outside a gather)."""
+    return hasattr(param, "ds_id")
+
+
+def full_fp32_param(param: torch.Tensor) -> torch.Tensor:
+    """The whole parameter in fp32 on the CPU: the optimizer's fp32 master under ZeRO 1-3, else the tensor.
+
+    Collective under ZeRO (call it on every process, same parameters in the same order): stage 1/2 all-reduce
+    the master's fragments, stage 3 all-gathers the shards. Reading the master, not the possibly bf16 working
+    copy, is what makes an exported adapter the trained one (docs/method.md section 6).
+    """
+    if is_zero3_param(param):
+        if param.requires_grad and getattr(param, "_z3_optimizer", None) is not None:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            return safe_get_full_fp32_param(param).detach().float().cpu().clone()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.data.detach().float().cpu().clone()
+    if hasattr(param, "_hp_mapping"):  # ZeRO-1/2 (and DeepSpeed's bf16 optimizer)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param).detach().float().cpu().clone()
+    return param.detach().float().cpu().clone()

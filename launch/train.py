@@ -9,14 +9,14 @@ With no --model_name_or_path and no --dataset it runs the built-in default offli
 questions, with an exact-match score before and after. Everything is checked before the model is loaded.
 """
 import argparse
-import datetime
 import json
 import logging
 import math
 import os
-import re
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
 
 import torch
 
@@ -24,12 +24,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import beamlora_ds  # noqa: E402
 from beamlora_ds import data as data_lib  # noqa: E402
 from beamlora_ds import ds_config as dsc  # noqa: E402
-from beamlora_ds import inject  # noqa: E402
-from beamlora_ds import models  # noqa: E402
-from beamlora_ds import quant  # noqa: E402  (issue 5: 4-bit bases)
+from beamlora_ds import models, processes, quant, support  # noqa: E402
 from beamlora_ds.config import LLAMA_PROJECTIONS, BeamLoRAConfig  # noqa: E402
 from beamlora_ds.evaluate import exact_match  # noqa: E402
-from beamlora_ds.failpoints import kill_point  # noqa: E402
+from beamlora_ds.engine import all_reduce_to_cpu, initialize_engine, optimizer_step  # noqa: E402
+from beamlora_ds.processes import release_shm_buffers  # noqa: E402
+from beamlora_ds.run_log import RunLog  # noqa: E402
+from beamlora_ds.train_checks import (UsageError, check_arguments, check_output_dir,  # noqa: E402
+                                      check_targets_before_loading, make_beam_config, resolve_batch)
 
 logger = logging.getLogger("beamlora_ds.train")
 
@@ -37,12 +39,13 @@ logger = logging.getLogger("beamlora_ds.train")
 BUILTIN_DEFAULTS = dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.0, interval=10, p0=0.8, max_steps=30,
                         learning_rate=1e-3, per_device_train_batch_size=4, max_length=64, eval_samples=64,
                         warmup_ratio=0.1, logging_steps=1, save_steps=20, output_dir="outputs/builtin")
-# Defaults otherwise (the paper's reference run, BEAMLORA.md section 7).
+# Defaults otherwise (the paper's reference run, docs/method.md section 7).
 PAPER_DEFAULTS = dict(lora_r=64, lora_alpha=128.0, lora_dropout=0.05, interval=3000, p0=0.95, max_steps=-1,
                       learning_rate=3e-4, per_device_train_batch_size=4, max_length=512, eval_samples=0,
                       warmup_ratio=0.03, logging_steps=10, save_steps=500, output_dir=None)
 
 
+# ------------------------------------------------------------------------------------------ the command line
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("DeepSpeed")
@@ -111,440 +114,257 @@ def fill_defaults(args):
     return args
 
 
-def from_cli(args, key: str, config: dict, config_key: str, default):
-    """What the command line says about a value the DeepSpeed config may also set: the flag if given; else
-    None when the config has a value (the config wins); else the default (the config is "auto" or silent)."""
-    if key in args.explicit:
-        return getattr(args, key)
-    if config.get(config_key, "auto") != "auto":
-        return None
-    return default
+@dataclass
+class RunState:
+    """What the phases share: check() fills the settings, read_inputs() and plan() the data and the run's length,
+    connect() the processes, build() the engine, announce() the log, train() the progress."""
+    args: argparse.Namespace
+    ckpt_dir: str
+    raw_config: dict
+    stage: int
+    beam_config: BeamLoRAConfig  # until plan(): with a stand-in run length
+    config: dict = field(default_factory=dict)  # the DeepSpeed config, "auto" filled as far as known
+    precision: str = "fp32"
+    name: str = ""  # the model to load, built-in names resolved
+    rank: int = 0
+    world: int = 1
+    dist: Any = None
+    path: Optional[str] = None
+    tokenizer: Any = None
+    examples: Optional[List[dict]] = None
+    per_epoch: int = 0
+    total_steps: int = 0
+    engine: Any = None
+    beam: Any = None
+    log: Optional[RunLog] = None
+    eval_rows: List[dict] = field(default_factory=list)
+    start_step: int = 0
+    saved_step: Optional[int] = None  # the step of the newest checkpoint written (or resumed from)
+    before: Optional[float] = None  # exact match before training
+
+    micro = property(lambda self: self.config["train_micro_batch_size_per_gpu"])
+    accum = property(lambda self: self.config["gradient_accumulation_steps"])
+    dtype = property(lambda self: torch.bfloat16 if self.precision == "bf16" else torch.float32)
+    warmup = property(lambda self: int(self.args.warmup_ratio * self.total_steps))
 
 
-def check_output_dir(args):
-    """Never write into a non-empty output dir by surprise; never resume from nothing."""
-    ckpt_dir = os.path.join(args.output_dir, "checkpoints")
-    if args.resume:
-        if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
-            raise UsageError(f"--resume but {ckpt_dir} has no checkpoint ('latest' file). Drop --resume to "
-                             "start a new run.")
-        saved = os.path.join(args.output_dir, "run_args.json")
-        if os.path.isfile(saved):
-            with open(saved) as f:
-                before = json.load(f)
-            keys = ("model_name_or_path", "dataset", "lora_r", "lora_alpha", "target_modules", "interval", "p0",
-                    "seed", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                    "quantization")
-            changed = [f"--{k}: was {before.get(k)!r}, now {getattr(args, k)!r}" for k in keys
-                       if k in before and before[k] != getattr(args, k)]
-            if changed:
-                raise UsageError("--resume with different settings than the checkpoint's run: "
-                                 + "; ".join(changed) + ". Use the original settings or a new --output_dir.")
-    elif os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite_output_dir:
-        raise UsageError(f"output dir {args.output_dir!r} is not empty. Pass --resume to continue its run, "
-                         "--overwrite_output_dir to write into it anyway, or choose another --output_dir.")
-    return ckpt_dir
-
-
-# (flag, smallest valid value, what it means) of numeric options no DeepSpeed config or model can fix
-_AT_LEAST = (("logging_steps", 1, "log every N optimizer steps"),
-             ("save_steps", 0, "checkpoint every N optimizer steps; 0: only at the end"),
-             ("stop_after", 0, "checkpoint and exit after optimizer step N; 0: run to the end"),
-             ("max_length", 1, "tokens per example"),
-             ("eval_samples", 0, "held-out questions; 0: no evaluation"),
-             ("per_device_train_batch_size", 1, "examples per process per micro-step"),
-             ("gradient_accumulation_steps", 1, "micro-steps per optimizer step"),
-             ("dist_timeout", 1, "seconds"))
-
-
-def check_arguments(args):
-    """Option values no run can use, refused before anything is read."""
-    for key, low, meaning in _AT_LEAST:
-        value = getattr(args, key)
-        if value is not None and value < low:
-            raise UsageError(f"--{key} {value} is out of range: use an integer >= {low} ({meaning}).")
-    if not 0 <= args.warmup_ratio < 1:
-        raise UsageError(f"--warmup_ratio {args.warmup_ratio} is out of range: use a fraction of the run in [0, 1).")
-    if not args.learning_rate > 0:
-        raise UsageError(f"--learning_rate {args.learning_rate}: use a positive learning rate (e.g. 3e-4).")
-    if args.max_steps <= 0 and not args.num_train_epochs > 0:
-        raise UsageError(f"--num_train_epochs {args.num_train_epochs} with no --max_steps: the run would have no "
-                         "step. Give a positive --num_train_epochs or --max_steps.")
-    try:
-        filled = args.prompt_template.format(prompt="\0")
-    except (KeyError, IndexError, ValueError) as e:
-        raise UsageError(f"--prompt_template {args.prompt_template!r} cannot be filled ({type(e).__name__}: {e}): "
-                         "its only field may be {prompt}; write literal braces as {{ and }}.") from e
-    if "\0" not in filled:
-        raise UsageError(f"--prompt_template {args.prompt_template!r} has no {{prompt}}: add {{prompt}} where the "
-                         "example's prompt goes (default: 'Question: {prompt}\\nAnswer: ').")
-    if args.dataset and os.path.isfile(args.dataset) and _blank(args.dataset):
-        raise UsageError(f"--dataset {args.dataset!r} is an empty file: add examples with a {args.prompt_field!r} and "
-                         f"a {args.response_field!r} field (or point --dataset at another file).")
-
-
-def _blank(path: str) -> bool:
-    """Whether a file holds nothing but whitespace (reads only up to its first other character)."""
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 16), b""):
-            if chunk.strip():
-                return False
-    return True
-
-
-# BeamLoRAConfig fields and the flags that set them, to name the flag in a refusal
-_CONFIG_FLAGS = {"r": "--lora_r", "alpha": "--lora_alpha", "dropout": "--lora_dropout", "tau": "--tau", "p0": "--p0",
-                 "interval": "--interval", "t_end": "--t_end", "target_modules": "--target_modules",
-                 "optimizer_state": "--optimizer_state", "importance": "--importance", "seed": "--seed"}
-
-
-def make_beam_config(args, total_steps: int) -> BeamLoRAConfig:
-    """The validated BeamLoRAConfig of this run; its problems refused on one line, by flag name."""
-    targets = args.target_modules[3:] if args.target_modules.startswith("re:") else args.target_modules.split(",")
-    config = BeamLoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, tau=args.tau,
-                            target_modules=targets, interval=args.interval, p0=args.p0, t_end=args.t_end,
-                            total_steps=total_steps, optimizer_state=args.optimizer_state,
-                            importance=args.importance, seed=args.seed)
-    try:
-        return config.validate()
-    except beamlora_ds.ConfigError as e:
-        problems = str(e).split("\n  - ")[1:] or [str(e)]
-        raise UsageError("; ".join(_by_flag(p) for p in problems)) from e
-
-
-def _by_flag(problem: str) -> str:
-    """'r=0: ...' -> '--lora_r=0: ...': a refusal names the flag the user typed, not the config field."""
-    return re.sub(r"^(\w+)=", lambda m: f"{_CONFIG_FLAGS.get(m[1], m[1])}=", problem)
-
-
-def check_zero_support(ds_config: dict):
-    """ZeRO settings BeamLoRA cannot work under; zero_access would refuse them only at the first reset."""
-    offload = ds_config.get("zero_optimization", {}).get("offload_param", {}) or {}
-    if str(offload.get("device", "")).lower() == "nvme":
-        raise UsageError("zero_optimization.offload_param.device is \"nvme\": BeamLoRA cannot edit parameters "
-                         "swapped out to NVMe. Set offload_param.device to \"cpu\" (offload_optimizer may stay on "
-                         "NVMe), e.g. as in ds_configs/zero3_offload.json.")
-
-
-def check_targets_before_loading(path: str, beam_config: BeamLoRAConfig):
-    """Targets that match nothing, or an r too large for a layer, found on a weightless (meta-device) skeleton
-    built from the model's config, before any weight is read; beamlora_ds.apply checks the loaded model again."""
-    try:
-        skeleton = models.meta_skeleton(path)
-    except OSError as e:  # no readable config: loading the weights would fail the same way
-        raise UsageError(f"--model_name_or_path {path!r}: cannot read the model's config ({e}). Pass a local "
-                         "folder holding config.json, or a hub name (cached, or with network access).") from e
-    except Exception as e:  # an architecture the skeleton cannot be built for: apply() still checks after loading
-        logger.warning("could not build %s on the meta device to check --target_modules before loading (%s: %s); "
-                       "they are checked after loading", path, type(e).__name__, e)
-        return
-    try:
-        inject.check_targets(skeleton, beam_config)
-    except (ValueError, TypeError) as e:
-        raise UsageError(_by_flag(str(e))) from e
-
-
-# (rank, world size, local rank) variables of launchers that do not set RANK/WORLD_SIZE themselves
-_LAUNCHER_RANK_VARS = (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-                       ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-                       ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
-
-
-def rank_environment(env: dict) -> dict:
-    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* to add: from mpirun or srun variables, or a world of one for plain
-    `python launch/train.py`. Nothing when a torch-style launcher (deepspeed, torchrun) already set RANK."""
-    if "RANK" in env:
-        return {}
-    for rank, size, local in _LAUNCHER_RANK_VARS:
-        if rank in env and size in env:
-            if int(env[size]) > 1 and "MASTER_ADDR" not in env:
-                raise UsageError(f"Started by a launcher that sets {rank}/{size} but no MASTER_ADDR: export "
-                                 "MASTER_ADDR (the first node's address) and MASTER_PORT before launching.")
-            return {"RANK": env[rank], "WORLD_SIZE": env[size], "LOCAL_RANK": env.get(local, "0"),
-                    "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": env.get("MASTER_PORT", "29500")}
-    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
-            "MASTER_PORT": env.get("MASTER_PORT", "29500")}
-
-
-def init_distributed(args):
-    os.environ.update(rank_environment(dict(os.environ)))
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    backend = "gloo" if get_accelerator().device_name() == "cpu" else None
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=args.dist_timeout))
-    import deepspeed.comm as dist
-
-    return dist.get_rank(), dist.get_world_size()
-
-
-def lr_lambda(kind: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "constant":
-            return 1.0
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
-class RunLog:
-    """Rank 0 only: a progress bar (loss, lr, tokens/s, ETA), a line per reset, and log.jsonl."""
-
-    def __init__(self, args, rank, total_steps, start_step):
-        self.active = rank == 0
-        self.path = os.path.join(args.output_dir, "log.jsonl")
-        self.bar = None
-        if self.active:
-            from tqdm.auto import tqdm
-
-            interactive = sys.stdout.isatty()
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="BeamLoRA", dynamic_ncols=True,
-                            file=sys.stdout, mininterval=0.1 if interactive else 10.0)
-
-    def write(self, record: dict, line: str = None):
-        if not self.active:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if line:
-            self.bar.write(line)
-
-    def progress(self, loss, lr, tokens_per_s):
-        if self.active:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
-            self.bar.update(1)
-
-    def close(self):
-        if self.active:
-            self.bar.close()
-
-
-class UsageError(Exception):
-    """A mistake in the command line, config or data: reported as one line, exit code 2, nothing written."""
-
-
-def main(argv=None):
-    try:
-        run(argv)
-    except (UsageError, dsc.DSConfigError, data_lib.DataError, beamlora_ds.ConfigError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
-        sys.exit(2)
-
-
-def run(argv=None):
-    args = fill_defaults(parse_args(argv))
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "beamlora_ds.controller"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)  # resets get their own line in the progress output
-    # -------------------------------------------------------------- cheap checks first, nothing loaded yet
+# ---------------------------------------------------------------------------- check: cheap, nothing loaded
+def check(args) -> RunState:
+    """Every refusal that needs neither the data nor the model nor another process, cheapest first."""
     check_arguments(args)
     # the run's length is known once the data is read; until then a stand-in long enough for any valid interval
     early_beam_config = make_beam_config(args, args.max_steps if args.max_steps > 0 else max(2 * args.interval, 1))
     raw_config = dsc.load_ds_config(args.ds_config)
     stage = dsc.zero_stage(raw_config)
-    check_zero_support(raw_config)
-    ckpt_dir = check_output_dir(args)
-
-    def first_pass(world):
-        return dsc.resolve_auto(raw_config, world_size=world,
-                                micro_batch=from_cli(args, "per_device_train_batch_size", raw_config,
-                                                     "train_micro_batch_size_per_gpu",
-                                                     args.per_device_train_batch_size),
-                                accumulation=from_cli(args, "gradient_accumulation_steps", raw_config,
-                                                      "gradient_accumulation_steps", 1),
-                                max_grad_norm=from_cli(args, "max_grad_norm", raw_config, "gradient_clipping", 1.0),
-                                bf16=args.bf16, learning_rate=args.learning_rate,
-                                weight_decay=args.weight_decay, total_steps=None, warmup_steps=None, hidden_size=None,
-                                persistence_threshold=None)
-
+    state = RunState(args, check_output_dir(args), raw_config, stage, early_beam_config)
     # with the world size the launcher announces: refused here, no process waits for the others to start
-    launched_world = int({**os.environ, **rank_environment(dict(os.environ))}.get("WORLD_SIZE", 1))
-    config = first_pass(launched_world)
-    micro, accum = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
-    bf16 = bool(config.get("bf16", {}).get("enabled", False))
-    if config.get("fp16", {}).get("enabled") is True:
-        raise UsageError("The DeepSpeed config enables fp16, which launch/train.py does not support yet: set "
-                         "fp16.enabled to false and train in bf16 (--bf16, bf16.enabled true or \"auto\") or fp32.")
+    state.world = processes.launched_world_size(os.environ)
+    state.config = resolve_batch(args, raw_config, state.world)
+    state.precision = dsc.precision(state.config)
+    support.check_zero_support(stage, state.precision, dsc.offload_param_device(raw_config), cli=True,
+                               four_bit=args.quantization == "nf4")
     if args.quantization == "nf4":  # 4-bit: refuse what cannot work before anything is loaded
         try:
-            quant.check_4bit_request(config, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+            quant.check_4bit_request(state.config, compute_dtype=state.dtype)
         except quant.QuantizationError as e:
             raise UsageError(str(e)) from e
-    if stage == 0 and bf16:  # controller.make_access would refuse it only at the first beam.step
-        raise UsageError("ZeRO stage 0 with bf16: BeamLoRA cannot edit DeepSpeed's private fp32 copies there. Set "
-                         "zero_optimization.stage to 1, 2 or 3 (e.g. --ds_config ds_configs/zero2.json), or train "
-                         "in fp32 (no --bf16, bf16.enabled false).")
-    rank, world = init_distributed(args)
-    import deepspeed
-    import deepspeed.comm as dist
+    state.name = models.resolve_builtin(args.model_name_or_path)
+    return state
 
-    if world != launched_world:
-        config = first_pass(world)
-    name = models.resolve_builtin(args.model_name_or_path)
-    path = models.model_path(name, rank, barrier=dist.barrier)
-    check_targets_before_loading(path, early_beam_config)
-    tokenizer = models.load_tokenizer(path)
+
+def read_inputs(state: RunState, path: str):
+    """--target_modules and --lora_r checked on the model's architecture; its tokenizer; the tokenized data."""
+    args = state.args
+    check_targets_before_loading(path, state.beam_config)
+    state.path, state.tokenizer = path, models.load_tokenizer(path)
     rows = data_lib.load_examples(args.dataset, args.dataset_split, args.prompt_field, args.response_field,
                                   seed=args.seed)
-    examples = data_lib.tokenize_examples(rows, tokenizer, args.prompt_template, args.max_length)
-    per_epoch = data_lib.steps_per_epoch(len(examples), micro, world, accum)
-    if per_epoch == 0:
-        raise UsageError(f"{len(examples)} examples make no full optimizer step of {micro} x {accum} x "
-                         f"{world} processes; lower the batch size or add data.")
-    total_steps = args.max_steps if args.max_steps > 0 else int(per_epoch * args.num_train_epochs)
-    warmup = int(args.warmup_ratio * total_steps)
-    beam_config = make_beam_config(args, total_steps)
-    # ------------------------------------------------------------------------------------ model and engine
+    state.examples = data_lib.tokenize_examples(rows, state.tokenizer, args.prompt_template, args.max_length)
+
+
+def plan(state: RunState):
+    """The run's length from the data and the world size, and the BeamLoRA config that depends on it."""
+    args = state.args
+    state.per_epoch = data_lib.steps_per_epoch(len(state.examples), state.micro, state.world, state.accum)
+    if state.per_epoch == 0:
+        raise UsageError(f"{len(state.examples)} examples make no full optimizer step of {state.micro} x "
+                         f"{state.accum} x {state.world} processes; lower the batch size or add data.")
+    state.total_steps = args.max_steps if args.max_steps > 0 else int(state.per_epoch * args.num_train_epochs)
+    state.beam_config = make_beam_config(args, state.total_steps)
+
+
+# ------------------------------------------------------------------------------- build: processes and engine
+def connect(state: RunState):
+    """Join the process group; then what needed it: the first conversion of the built-in SmolLM2 (rank 0
+    converts, the others wait), or a world size other than the launcher announced."""
+    announced = state.world
+    state.rank, state.world = processes.init_distributed(state.args.dist_timeout)
+    import deepspeed.comm as dist
+
+    state.dist = dist
+    if state.world != announced:
+        state.config = resolve_batch(state.args, state.raw_config, state.world)
+    if state.examples is None:
+        read_inputs(state, models.model_path(state.name, state.rank, barrier=dist.barrier))
+    plan(state)
+
+
+def build(state: RunState):
+    """Model, BeamLoRA, engine; only then, every check passed, is the output dir written. Resumes if asked."""
+    args = state.args
     torch.manual_seed(args.seed)
-    if args.quantization == "nf4":
-        model = quant.load_4bit_model(path, config, compute_dtype=torch.bfloat16 if bf16 else torch.float32,
-                                      gradient_checkpointing=args.gradient_checkpointing)
-    else:
-        model = models.load_model(path, torch.bfloat16 if bf16 else torch.float32, config)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = models.load_for_training(state.path, state.dtype, state.config, four_bit=args.quantization == "nf4",
+                                     gradient_checkpointing=args.gradient_checkpointing)
     try:
-        beam = beamlora_ds.apply(model, beam_config)
+        state.beam = beamlora_ds.apply(model, state.beam_config)
     except (ValueError, TypeError) as e:  # targets that match nothing, r too large for a layer, ...
         raise UsageError(str(e)) from e
-    config = dsc.resolve_auto(config, world_size=world, micro_batch=None, accumulation=None, max_grad_norm=None,
-                              bf16=None, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-                              total_steps=total_steps, warmup_steps=warmup,
-                              hidden_size=getattr(model.config, "hidden_size", None),
-                              persistence_threshold=beamlora_ds.persistence_threshold_for(beam.modules))
-    groups = beamlora_ds.optimizer_param_groups(model, args.weight_decay)
-    optimizer = scheduler = None
-    if "optimizer" not in config:
-        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
-        config["zero_allow_untested_optimizer"] = True
-    if "scheduler" not in config:
-        scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(args.lr_scheduler_type, warmup, total_steps)))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=groups,
-                                           lr_scheduler=scheduler, config=config)
-    if rank == 0:  # only now, when every check has passed, does the output dir get written
+    state.engine, state.config = initialize_engine(
+        model, state.beam.modules, state.config, world_size=state.world, learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay, lr_scheduler_type=args.lr_scheduler_type, total_steps=state.total_steps,
+        warmup_steps=state.warmup)
+    if state.rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "run_args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
-    start_step = 0
     if args.resume:
-        beamlora_ds.load_checkpoint(engine, beam, ckpt_dir)
-        start_step = beam.global_step
+        beamlora_ds.load_checkpoint(state.engine, state.beam, state.ckpt_dir)
+        state.start_step = state.saved_step = state.beam.global_step
+
+
+def announce(state: RunState):
+    """One line on what is about to run; the log opened (a resume marked in it); the score before training."""
+    args, beam, total = state.args, state.beam, state.total_steps
     trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for m in beam.modules
                     for p in (m.lora_A, m.lora_B, m.lora_score))
     logger.info("model %s | ZeRO-%d %s | %d processes | %d BeamLoRA modules, r=%d, %s trainable | %d examples | "
                 "%d steps (%d per epoch), micro-batch %d x accumulation %d | resets at %s",
-                path, stage, "bf16" if bf16 else "fp32", world, len(beam.modules), args.lora_r, f"{trainable:,}",
-                len(examples), total_steps, per_epoch, micro, accum,
-                [t for t in range(1, total_steps + 1) if beamlora_ds.beam.is_reset_step(t, args.interval, total_steps)])
-    # ------------------------------------------------------------------------------------------ evaluation
-    eval_rows = data_lib.arithmetic_examples(args.eval_samples, seed=args.seed + 1) \
-        if (args.eval_samples and args.dataset is None) else []
-
-    def evaluate(label):
-        if not eval_rows:
-            return None
-        score = exact_match(engine.module, tokenizer, eval_rows, args.prompt_template, rank=rank, world_size=world,
-                            synced_gpus=stage == 3, all_reduce=lambda t: _all_reduce(dist, t, engine.device))
-        log.write({"type": "eval", "when": label, "step": beam.global_step, "exact_match": score},
-                  f"exact match {label} training: {score:.1%} ({len(eval_rows)} held-out questions)")
-        return score
-
-    log = RunLog(args, rank, total_steps, start_step)
+                state.path, state.stage, "bf16" if state.precision == "bf16" else "fp32", state.world,
+                len(beam.modules), args.lora_r, f"{trainable:,}", len(state.examples), total, state.per_epoch,
+                state.micro, state.accum,
+                [t for t in range(1, total + 1) if beamlora_ds.beam.is_reset_step(t, args.interval, total)])
+    if args.eval_samples and args.dataset is None:
+        state.eval_rows = data_lib.arithmetic_examples(args.eval_samples, seed=args.seed + 1)
+    state.log = RunLog(args.output_dir, state.rank, total, state.start_step)
     if args.resume:  # records after this step in the log are from the interrupted run and are superseded
-        log.write({"type": "resume", "step": start_step}, f"resumed from the checkpoint of step {start_step}")
-    before = evaluate("before") if start_step == 0 else None
-    saved_step = start_step if args.resume else None
-    # ---------------------------------------------------------------------------------------------- train
-    batches = data_lib.micro_batches(len(examples), micro, world, rank, args.seed, start_micro_step=start_step * accum)
+        state.log.write({"type": "resume", "step": state.start_step},
+                        f"resumed from the checkpoint of step {state.start_step}")
+    state.before = evaluate(state, "before") if state.start_step == 0 else None
+
+
+def evaluate(state: RunState, label: str) -> Optional[float]:
+    """Exact match on the held-out built-in questions (None without them), logged."""
+    if not state.eval_rows:
+        return None
+    engine = state.engine
+    score = exact_match(engine.module, state.tokenizer, state.eval_rows, state.args.prompt_template,
+                        rank=state.rank, world_size=state.world, synced_gpus=state.stage == 3,
+                        all_reduce=lambda t: all_reduce_to_cpu(state.dist, t, engine.device))
+    state.log.write({"type": "eval", "when": label, "step": state.beam.global_step, "exact_match": score},
+                    f"exact match {label} training: {score:.1%} ({len(state.eval_rows)} held-out questions)")
+    return score
+
+
+# ------------------------------------------------------------------------------------------- train: the loop
+def train_step(state: RunState, step: int, batches) -> tuple:
+    """One optimizer step: (loss of the whole global batch, lr, tokens); a non-finite loss is logged."""
+    micro_batches = (data_lib.collate([state.examples[i] for i in next(batches)], state.tokenizer.pad_token_id)
+                     for _ in range(state.accum))
+    loss, lr, tokens = optimizer_step(state.engine, micro_batches, step, state.world, state.dist)
+    if not math.isfinite(loss):
+        state.log.nonfinite_loss(step, loss, state.engine.was_step_applied())
+    return loss, lr, tokens
+
+
+def train(state: RunState) -> bool:
+    """From the first step not done yet to the end; False when --stop_after ended it (checkpointed) early."""
+    args, total = state.args, state.total_steps
+    batches = data_lib.micro_batches(len(state.examples), state.micro, state.world, state.rank, args.seed,
+                                     start_micro_step=state.start_step * state.accum)
     tick = time.time()
-    for step in range(start_step + 1, total_steps + 1):
-        tokens, losses = 0, []
-        for _ in range(accum):
-            batch = data_lib.collate([examples[i] for i in next(batches)], tokenizer.pad_token_id)
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            kill_point("step", step)
-            engine.step()
-            tokens += int(batch["attention_mask"].sum()) * world
-            losses.append(loss.item())
-        loss_value, lr = sum(losses) / len(losses), engine.get_lr()[0]
-        if world > 1:  # the loss of the whole global batch (mean over processes), not rank 0's share
-            loss_value = float(_all_reduce(dist, torch.tensor([loss_value]), engine.device)[0]) / world
-        if not math.isfinite(loss_value):
-            log.write({"type": "nonfinite_loss", "step": step, "loss": str(loss_value),
-                       "skipped_by_deepspeed": not engine.was_step_applied()},
-                      f"non-finite loss ({loss_value}) at step {step}: "
-                      + ("DeepSpeed skipped the update (fp16 overflow)" if not engine.was_step_applied()
-                         else "the next BeamLoRA reset will be skipped"))
-        record = beam.step(engine, loss=loss_value)  # the same loss on every process: they skip resets together
+    for step in range(state.start_step + 1, total + 1):
+        loss, lr, tokens = train_step(state, step, batches)
+        record = state.beam.step(state.engine, loss=loss)  # the same loss everywhere: they skip resets together
         if record is not None:
-            log.write({"type": "reset", **_jsonable(record)},
-                      f"reset at step {record['step']}: keep-fraction {record['keep_fraction']:.4f}, "
-                      f"{len(record['pruned'])} ranks pruned in {len({n for n, _ in record['pruned']})} modules"
-                      + (f" (skipped: {record['skipped']})" if record.get("skipped") else ""))
+            state.log.reset(record)
         now = time.time()
-        log.progress(loss_value, lr, tokens / max(now - tick, 1e-9))
-        if step % args.logging_steps == 0 or step == total_steps:
-            log.write({"type": "train", "step": step, "loss": loss_value, "lr": lr,
-                       "tokens_per_s": tokens / max(now - tick, 1e-9)})
+        state.log.progress(loss, lr, tokens / max(now - tick, 1e-9))
+        if step % args.logging_steps == 0 or step == total:
+            state.log.write({"type": "train", "step": step, "loss": loss, "lr": lr,
+                             "tokens_per_s": tokens / max(now - tick, 1e-9)})
         tick = now
-        if args.save_steps and step % args.save_steps == 0 and step < total_steps:
-            beamlora_ds.save_checkpoint(engine, beam, ckpt_dir)
-            saved_step = step
-        if step == args.stop_after and step < total_steps:
-            if saved_step != step:
-                beamlora_ds.save_checkpoint(engine, beam, ckpt_dir)
-            log.close()
-            log.write({"type": "stopped", "step": step}, f"stopped after step {step}; continue with --resume")
-            release_shm_buffers(dist)
-            return
-    log.close()
-    if saved_step != total_steps:  # (a run resumed from its final checkpoint only rewrites the adapter)
-        beamlora_ds.save_checkpoint(engine, beam, ckpt_dir)
-    adapter_dir = os.path.join(args.output_dir, "adapter")
-    beamlora_ds.save_adapter(engine, adapter_dir, base_model_name_or_path=path, overwrite=True)
-    after = evaluate("after")
-    if rank == 0:
-        summary = {"type": "summary", "steps": total_steps, "resets": len(beam.history), "adapter": adapter_dir,
-                   "checkpoints": ckpt_dir, "exact_match_before": before, "exact_match_after": after}
-        log.write(summary)
-        print(f"done: {total_steps} steps, {len(beam.history)} resets; adapter in {adapter_dir}; checkpoints in "
-              f"{ckpt_dir}; log in {log.path}"
+        if args.save_steps and step % args.save_steps == 0 and step < total:
+            save_checkpoint(state, step)
+        if step == args.stop_after and step < total:
+            if state.saved_step != step:
+                save_checkpoint(state, step)
+            state.log.close()
+            state.log.write({"type": "stopped", "step": step}, f"stopped after step {step}; continue with --resume")
+            return False
+    state.log.close()
+    return True
+
+
+def save_checkpoint(state: RunState, step: int):
+    beamlora_ds.save_checkpoint(state.engine, state.beam, state.ckpt_dir)
+    state.saved_step = step
+
+
+# ------------------------------------------------------------------------------- finish: adapter and summary
+def finish(state: RunState):
+    """The final checkpoint (unless the run resumed from it), the adapter, the score after, the summary."""
+    if state.saved_step != state.total_steps:
+        save_checkpoint(state, state.total_steps)
+    adapter_dir = os.path.join(state.args.output_dir, "adapter")
+    beamlora_ds.save_adapter(state.engine, adapter_dir, base_model_name_or_path=state.path, overwrite=True)
+    before, after = state.before, evaluate(state, "after")
+    if state.rank == 0:
+        resets = len(state.beam.history)
+        state.log.write({"type": "summary", "steps": state.total_steps, "resets": resets, "adapter": adapter_dir,
+                         "checkpoints": state.ckpt_dir, "exact_match_before": before, "exact_match_after": after})
+        print(f"done: {state.total_steps} steps, {resets} resets; adapter in {adapter_dir}; checkpoints in "
+              f"{state.ckpt_dir}; log in {state.log.path}"
               + (f"; exact match {before:.1%} -> {after:.1%}" if before is not None and after is not None else ""))
-    release_shm_buffers(dist)
 
 
-def release_shm_buffers(dist):
-    """DeepSpeed's CPU shared-memory comm op never removes its 64 MB /dev/shm buffer: each process unlinks its own
-    once every process is past its last collective (mappings stay valid after unlink)."""
-    import glob
-
-    dist.barrier()
-    name = f"deepspeed_allreduce_buffer_*_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_" \
-           f"{os.environ.get('RANK')}"
-    for path in glob.glob(os.path.join("/dev/shm", name)):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+# ---------------------------------------------------------------------------------------------- the entry
+def configure_logging():
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "beamlora_ds.controller"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # resets get their own line in the progress output
 
 
-def _all_reduce(dist, tensor, device):
-    on_device = tensor.to(device)
-    dist.all_reduce(on_device)
-    return on_device.cpu()
+def run(argv=None):
+    """check -> read the data and the architecture (now, unless the model must first be converted) -> connect
+    the processes -> build -> train -> finish."""
+    args = fill_defaults(parse_args(argv))
+    configure_logging()
+    state = check(args)
+    path = models.ready_path(state.name)
+    if path is not None:  # refusals that need the data or the architecture come before any process waits
+        read_inputs(state, path)
+        plan(state)
+    connect(state)
+    build(state)
+    announce(state)
+    if train(state):
+        finish(state)
+    release_shm_buffers(state.dist)
 
 
-def _jsonable(record: dict) -> dict:
-    return json.loads(json.dumps(record, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+# what main() reports as one "error:" line with exit code 2: the user's input, not a bug
+REFUSALS = (UsageError, dsc.DSConfigError, data_lib.DataError, beamlora_ds.ConfigError, support.UnsupportedSetupError,
+            processes.LaunchEnvironmentError)
+
+
+def main(argv=None):
+    try:
+        run(argv)
+    except REFUSALS as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """BeamLoRAConfig.validate(): nonsense is refused with a message that names the field and the fix."""
+import dataclasses
+
 import pytest
 
 from beamlora_ds import BeamLoRAConfig, ConfigError
+from beamlora_ds.config import RESUME_FIELDS
 
 GOOD = dict(total_steps=10_000)
 
@@ -56,3 +59,10 @@ def test_dict_roundtrip_and_unknown_fields():
     assert BeamLoRAConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="rank"):
         BeamLoRAConfig.from_dict({"rank": 8})
+
+
+def test_resume_fields_are_config_fields():
+    """The one list of what a resumed run must keep (the controller and launch/train.py both read it)."""
+    assert set(RESUME_FIELDS) <= {f.name for f in dataclasses.fields(BeamLoRAConfig)}
+    assert "dropout" not in RESUME_FIELDS and "check_consistency" not in RESUME_FIELDS  # free to change on resume
+

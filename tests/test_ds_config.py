@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from beamlora_ds.ds_config import DSConfigError, load_ds_config, resolve_auto, zero_stage
+from beamlora_ds.ds_config import (DSConfigError, load_ds_config, offload_param_device, precision, resolve_auto,
+                                   zero_stage)
 
 KW = dict(world_size=2, micro_batch=4, accumulation=2, max_grad_norm=1.0, bf16=None, learning_rate=3e-4,
           weight_decay=0.0, total_steps=100, warmup_steps=3, hidden_size=64, persistence_threshold=700)
@@ -57,3 +58,17 @@ def test_missing_and_malformed_files(tmp_path):
         load_ds_config(str(listed))
     with pytest.raises(DSConfigError, match="stage=4"):
         zero_stage({"zero_optimization": {"stage": 4}})
+
+
+def test_stage_precision_and_offload_read_once_from_a_config():
+    """The one reading of these settings that train.py, models.py and quant.py share (support.py judges them)."""
+    assert zero_stage(None) == zero_stage({}) == 0
+    assert zero_stage(load_ds_config("ds_configs/zero3.json")) == 3
+    resolved = resolve_auto({"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}, **{**KW, "bf16": True})
+    assert precision(resolved) == "bf16"
+    assert precision({"fp16": {"enabled": True}}) == "fp16"
+    assert precision({}) == precision({"bf16": {"enabled": False}}) == "fp32"
+    assert offload_param_device(load_ds_config("ds_configs/zero3_offload.json")) == "cpu"
+    assert offload_param_device({"zero_optimization": {"stage": 3, "offload_param": None}}) is None
+    assert offload_param_device({}) is None
+

@@ -1,8 +1,6 @@
 """BeamLoRA on real bitsandbytes NF4 bases (CPU): the layer against a dequantized reference, a loaded 4-bit
 Llama that trains through resets, and the refusals of check_4bit_request (before anything loads)."""
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -10,7 +8,7 @@ import torch
 from torch import nn
 
 from beamlora_ds import BeamLoRAConfig, BeamLoRALinear, apply, optimizer_param_groups
-from beamlora_ds import quant
+from beamlora_ds import quant, testing
 from beamlora_ds.layer import is_4bit_linear
 from helpers import tiny_llama
 
@@ -232,16 +230,13 @@ def test_train_py_refuses_before_loading(tmp_path):
     config = tmp_path / "stage0.json"
     config.write_text('{"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", '
                       '"gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 0}}')
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["MASTER_PORT"] = str(port)
+    env["MASTER_PORT"] = str(testing.free_port())
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--model_name_or_path",
-                           "builtin-tiny", "--quantization", "nf4", "--bf16", "--ds_config", str(config),
-                           "--output_dir", str(out), "--max_steps", "4", "--interval", "2"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    proc = testing.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--model_name_or_path",
+                        "builtin-tiny", "--quantization", "nf4", "--bf16", "--ds_config", str(config),
+                        "--output_dir", str(out), "--max_steps", "4", "--interval", "2"],
+                       timeout=120, cwd=ROOT, env=env)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "error: ZeRO stage 0 with bf16" in proc.stderr and "qlora_single.json" in proc.stderr
     assert "Loaded" not in proc.stderr + proc.stdout and not out.exists()
@@ -249,8 +244,8 @@ def test_train_py_refuses_before_loading(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_gpu_benchmark_refuses_cleanly_without_a_gpu():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_qlora.py"), "--quick"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = testing.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_qlora.py"), "--quick"], timeout=120,
+                       cwd=ROOT)
     assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -261,7 +256,7 @@ def test_adapter_trained_on_a_4bit_base_loads_in_stock_peft_on_the_full_precisio
     from transformers import AutoModelForCausalLM
 
     import beamlora_ds
-    from beamlora_ds.export import dequantize_4bit_weight
+    from beamlora_ds.merge import dequantize_4bit_weight
 
     model = quant.load_4bit_model(saved_tiny, None, compute_dtype=torch.float32)
     beam = beamlora_ds.apply(model, beamlora_ds.BeamLoRAConfig(r=4, alpha=8.0, dropout=0.0, interval=4,

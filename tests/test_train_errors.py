@@ -1,21 +1,27 @@
-"""launch/train.py refuses bad input with one clear line (exit 2) before any expensive work, writing nothing."""
+"""launch/train.py refuses bad input with one clear line (exit 2) before any expensive work, writing nothing.
+
+The table runs in this process, through train.main: every refusal in it comes before torch.distributed is
+initialised (the process-group start is replaced by a tripwire that fails the case if it is reached). A few cases
+also run end to end as `python launch/train.py`, for the real exit code and the absence of a Traceback.
+"""
+import importlib.util
 import json
+import logging
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
+import torch
+
+from beamlora_ds import testing
+from beamlora_ds.processes import LaunchEnvironmentError, rank_environment
 
 pytest.importorskip("deepspeed")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "launch", "train.py")
 TINY = ["--model_name_or_path", "builtin-tiny", "--lora_r", "8", "--max_steps", "20", "--interval", "4"]
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# rank 0 of a 2-process launch, as deepspeed/torchrun announce it
+TWO_PROCESSES = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
 
 
 def _write_json(path, value):
@@ -49,7 +55,7 @@ def files(tmp_path_factory):
     (d / "resumable" / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt").write_bytes(bytes(range(256)))
     (d / "resumable" / "log.jsonl").write_text('{"type": "train", "step": 4, "loss": 1.5}\n')
     _write_json(d / "resumable" / "run_args.json", {"model_name_or_path": "builtin-tiny", "lora_r": 4,
-                                                     "interval": 4, "max_steps": 20})
+                                                     "interval": 4, "max_steps": 20, "tau": 0.05})
     # a model folder with a config and no weights: refusals that need the architecture must come before loading
     # (a weight load here would fail with a Traceback, failing the test)
     from beamlora_ds import models
@@ -62,8 +68,9 @@ def files(tmp_path_factory):
     return d
 
 
-def case(name, argv, words, **env):
-    return pytest.param(argv, words, env, id=name)
+def case(name, argv, words, env=None, hidden=()):
+    """`hidden`: modules made unimportable (as if not installed) for the case."""
+    return pytest.param(argv, words, env or {}, hidden, id=name)
 
 
 Z2 = ["--ds_config", "ds_configs/zero2.json"]
@@ -81,7 +88,7 @@ CASES = [
          "train_batch_size=6 in the DeepSpeed config is not micro-batch 4 x accumulation 1 x 1 processes = 4"),
     # rank 0 of a 2-process launch: refused before it waits for the other process (else: a hang, then timeout)
     case("world size does not divide train_batch_size", ["--ds_config", "{d}/tbs3.json", "--dist_timeout", "60"],
-         "cannot be split over 2 processes", RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1"),
+         "cannot be split over 2 processes", env=TWO_PROCESSES),
     case("micro-batch 0", [*Z2, "--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0 is out of"),
     # ZeRO settings BeamLoRA cannot work under
     case("unknown ZeRO stage", ["--ds_config", "{d}/stage4.json"], "zero_optimization.stage=4: use 0, 1, 2 or 3"),
@@ -89,7 +96,7 @@ CASES = [
     case("NVMe parameter offload", ["--ds_config", "{d}/nvme.json"], "Set offload_param.device to \"cpu\""),
     # 4-bit
     case("4-bit without bitsandbytes", [*Z2, "--quantization", "nf4"], "pip install 'bitsandbytes>=",
-         PYTHONPATH="{d}/no_bnb"),
+         hidden=("bitsandbytes",)),
     case("4-bit with ZeRO-0 bf16", ["--ds_config", "{d}/stage0.json", "--bf16", "--quantization", "nf4"],
          "ds_configs/qlora_single.json"),
     # output dir and resume
@@ -98,6 +105,8 @@ CASES = [
     case("resume non-empty dir without checkpoint", [*Z2, "--output_dir", "{d}/full", "--resume"], "no checkpoint"),
     case("resume from a different config", [*Z2, "--output_dir", "{d}/resumable", "--resume"],
          "--lora_r: was 4, now 8"),
+    case("resume with another tau", [*Z2, "--output_dir", "{d}/resumable", "--resume", "--lora_r", "4",
+                                      "--tau", "0.1"], "--tau: was 0.05, now 0.1"),
     # data
     case("missing fields", [*Z2, "--dataset", "{d}/fields.jsonl"], "--prompt_field"),
     case("empty dataset", [*Z2, "--dataset", "{d}/empty.jsonl"], "empty.jsonl' is an empty file"),
@@ -112,6 +121,8 @@ CASES = [
     case("rank too large", [*Z2, "--lora_r", "100"], "larger than the smaller dimension"),
     case("targets match nothing, config only", [*Z2, "--model_name_or_path", "{d}/config_only",
                                                 "--target_modules", "query_key_value"], "matched no module"),
+    case("model folder without config.json", [*Z2, "--model_name_or_path", "{d}/full"],
+         "cannot read the model's config"),
     case("rank too large, config only", [*Z2, "--model_name_or_path", "{d}/config_only", "--lora_r", "40"],
          "--lora_r=40 is larger than the smaller dimension of ['model.layers.0.self_attn.k_proj (64->32)'"),
     # BeamLoRA schedule values out of range
@@ -136,21 +147,86 @@ def _tree(root):
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
 
-@pytest.mark.parametrize("argv, words, env", CASES)
-def test_refused_cleanly(files, tmp_path, argv, words, env):
+def _argv(argv, files, out):
+    argv = [a.replace("{d}", str(files)) for a in argv]
+    return [*TINY, *argv] + ([] if "--output_dir" in argv else ["--output_dir", str(out)])
+
+
+@pytest.fixture(scope="module")
+def train():
+    """launch/train.py imported as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("launch_train", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def in_process(train, monkeypatch):
+    """train.main in this process: no process group may start (a tripwire), the launcher's variables come from
+    the case only, and the logging setup main() makes is undone afterwards."""
+    def tripwire(*args, **kwargs):
+        raise AssertionError("the refusal did not come before torch.distributed would be initialised")
+
+    assert not torch.distributed.is_initialized()
+    monkeypatch.setattr(train.processes, "init_distributed", tripwire)
+    # a library logger (datasets) may hold an earlier test's closed capture stream: a message it logs must not
+    # become a "--- Logging error ---" Traceback here (in a fresh process that stream is the real stderr)
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    root = logging.getLogger()
+    root_level, root_handlers = root.level, set(root.handlers)
+    levels = {name: logging.getLogger(name).level for name in
+              ("DeepSpeed", "deepspeed", "torch.distributed", "beamlora_ds.controller")}
+    yield train
+    for handler in set(root.handlers) - root_handlers:
+        if type(handler) is logging.StreamHandler:  # basicConfig's, when the root logger had no handler
+            root.removeHandler(handler)
+    root.setLevel(root_level)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("argv, words, env, hidden", CASES)
+def test_refused_cleanly(in_process, files, tmp_path, monkeypatch, capsys, argv, words, env, hidden):
     """Exit code 2, one 'error:' line naming the problem and the fix, no Traceback, nothing written."""
     out = tmp_path / "out"
-    argv = [a.replace("{d}", str(files)) for a in argv]
-    if "--output_dir" not in argv:
-        argv += ["--output_dir", str(out)]
-    env = {k: v.replace("{d}", str(files)) for k, v in env.items()}
-    if "PYTHONPATH" in env and os.environ.get("PYTHONPATH"):
-        env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
-           "MASTER_PORT": str(_port()), **env}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for name in hidden:
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
     before = _tree(files)
-    proc = subprocess.run([sys.executable, "launch/train.py", *TINY, *argv], cwd=ROOT, capture_output=True,
-                          text=True, timeout=180, env=env)
+    with pytest.raises(SystemExit) as exited:
+        in_process.main(_argv(argv, files, out))
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and words in errors[0], err[-2000:]
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert _tree(files) == before
+
+
+END_TO_END = [  # a fresh `python launch/train.py` each: what a user sees, exit code included
+    case("malformed ds_config", ["--ds_config", "{d}/bad.json"], "not valid JSON"),
+    case("rank 0 of 2 refuses without waiting", ["--ds_config", "{d}/tbs3.json", "--dist_timeout", "60"],
+         "cannot be split over 2 processes", env=TWO_PROCESSES),
+    case("bitsandbytes that fails to import", [*Z2, "--quantization", "nf4"], "pip install 'bitsandbytes>=",
+         env={"PYTHONPATH": "{d}/no_bnb"}),
+]
+
+
+@pytest.mark.parametrize("argv, words, env, hidden", END_TO_END)
+def test_refused_cleanly_end_to_end(files, tmp_path, argv, words, env, hidden):
+    out = tmp_path / "out"
+    case_env = {k: v.replace("{d}", str(files)) for k, v in env.items()}
+    env = {**testing.single_process_env(), **case_env}  # rank 0 of 1 on a free port, unless the case says otherwise
+    if "PYTHONPATH" in case_env and os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] += os.pathsep + os.environ["PYTHONPATH"]
+    before = _tree(files)
+    proc = testing.run([sys.executable, TRAIN, *_argv(argv, files, out)], timeout=180, cwd=ROOT, env=env)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and words in errors[0], proc.stderr[-2000:]
@@ -159,17 +235,22 @@ def test_refused_cleanly(files, tmp_path, argv, words, env):
     assert _tree(files) == before
 
 
-def test_rank_environment_from_launchers():
-    sys.path.insert(0, os.path.join(ROOT, "launch"))
-    import train
+def test_resume_checks_every_setting_the_controller_checks():
+    """One list (config.RESUME_FIELDS): what BeamController.load_state_dict would refuse after loading, train.py
+    refuses by flag before anything loads (total_steps through --max_steps)."""
+    from beamlora_ds.config import RESUME_FIELDS
+    from beamlora_ds.train_checks import CONFIG_FLAGS, RESUME_FLAGS
 
-    assert train.rank_environment({"RANK": "3", "WORLD_SIZE": "8"}) == {}
-    srun = train.rank_environment({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
-                                   "MASTER_ADDR": "node1"})
+    assert {CONFIG_FLAGS.get(f, "--max_steps") for f in RESUME_FIELDS} <= set(RESUME_FLAGS)
+
+
+def test_rank_environment_from_launchers():
+    assert rank_environment({"RANK": "3", "WORLD_SIZE": "8"}) == {}
+    srun = rank_environment({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "MASTER_ADDR": "node1"})
     assert (srun["RANK"], srun["WORLD_SIZE"], srun["LOCAL_RANK"], srun["MASTER_ADDR"]) == ("5", "16", "1", "node1")
-    ompi = train.rank_environment({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
-                                   "OMPI_COMM_WORLD_LOCAL_RANK": "2", "MASTER_ADDR": "a"})
+    ompi = rank_environment({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
+                             "OMPI_COMM_WORLD_LOCAL_RANK": "2", "MASTER_ADDR": "a"})
     assert (ompi["RANK"], ompi["WORLD_SIZE"], ompi["LOCAL_RANK"]) == ("2", "4", "2")
-    assert train.rank_environment({})["WORLD_SIZE"] == "1"
-    with pytest.raises(train.UsageError, match="MASTER_ADDR"):
-        train.rank_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    assert rank_environment({})["WORLD_SIZE"] == "1"
+    with pytest.raises(LaunchEnvironmentError, match="MASTER_ADDR"):
+        rank_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})

@@ -1,0 +1,63 @@
+"""Which ZeRO stage, precision and parameter offload BeamLoRA can train under: every such rule in one function.
+
+launch/train.py asks it from the DeepSpeed config before anything is loaded, the controller from the engine at
+the first step (make_access), `quant.check_4bit_request` for a 4-bit base. The rules and their messages are the
+same everywhere; only the fix a message suggests follows the caller (a flag, a shipped config, a library
+setting). Why each rule exists is measured in docs/platform.md.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+# launch/train.py's loop has no fp16 path (no --fp16 flag, no handling of DeepSpeed's loss scale): bf16 or fp32
+TRAIN_PY_PRECISIONS = ("fp32", "bf16")
+
+_STAGE0_FIX = {  # what to do about ZeRO-0 in half precision, by caller
+    "library": "Use ZeRO stage 1, 2 or 3 (set zero_optimization.stage), or train in fp32 with stage 0.",
+    "cli": "Set zero_optimization.stage to 1, 2 or 3 (e.g. --ds_config ds_configs/zero2.json), or train in fp32 "
+           "(no --bf16, bf16.enabled false).",
+    "four_bit": "Use ZeRO stage 2 (ds_configs/qlora_single.json for one GPU: with one process it partitions "
+                "nothing) or stage 3 (ds_configs/qlora_zero3.json).",
+}
+
+
+class UnsupportedSetupError(ValueError):
+    """A ZeRO stage / precision / offload combination BeamLoRA cannot train under; the message names the fix."""
+
+
+def check_zero_support(stage: int, precision: str, offload_param_device: Optional[str] = None, *,
+                       cli: bool = False, four_bit: bool = False) -> None:
+    """Raise UnsupportedSetupError for a setup BeamLoRA cannot train under; return None otherwise.
+
+    `precision`: "fp32", "bf16" or "fp16" (what the engine trains in); `offload_param_device`: ZeRO-3's
+    offload_param.device ("cpu", "nvme", None). `cli`: the caller is launch/train.py (fp16 refused, fixes named as
+    its flags); `four_bit`: the base is 4-bit (the fix points at the QLoRA configs).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: use one of {PRECISIONS}.")
+    if str(offload_param_device or "").lower() == "nvme":  # ZeRO-3 swaps those out of reach of any edit
+        raise UnsupportedSetupError(
+            "zero_optimization.offload_param.device is \"nvme\": BeamLoRA cannot edit parameters swapped out to "
+            "NVMe. Set offload_param.device to \"cpu\" (offload_optimizer may stay on NVMe), e.g. as in "
+            "ds_configs/zero3_offload.json.")
+    if cli and precision not in TRAIN_PY_PRECISIONS:
+        raise UnsupportedSetupError(
+            f"The DeepSpeed config enables {precision}, which launch/train.py does not support yet: set "
+            f"{precision}.enabled to false and train in bf16 (--bf16, bf16.enabled true or \"auto\") or fp32.")
+    if stage == 0 and precision != "fp32":  # stage 0 keeps its fp32 master copies private to its optimizer
+        fix = _STAGE0_FIX["four_bit" if four_bit else "cli" if cli else "library"]
+        raise UnsupportedSetupError(f"ZeRO stage 0 with {precision}: BeamLoRA cannot edit DeepSpeed's private "
+                                    f"fp32 copies there. {fix}")
+
+
+def engine_setup(engine) -> Tuple[int, str, Optional[str]]:
+    """(ZeRO stage, precision, offload_param device) of a DeepSpeed engine, read through its public methods."""
+    precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+    offload = getattr(getattr(engine, "zero_offload_param", lambda: None)(), "device", None)
+    return engine.zero_optimization_stage(), precision, getattr(offload, "value", offload)  # an enum in DeepSpeed
+
+
+def check_engine_support(engine) -> None:
+    """check_zero_support for a live DeepSpeed engine (the controller's first step)."""
+    check_zero_support(*engine_setup(engine))
