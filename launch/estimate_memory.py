@@ -2,7 +2,7 @@
 
     python launch/estimate_memory.py --model 7b --gpus 8 --stage 3 --gradient_checkpointing
     python launch/estimate_memory.py --config path/to/config.json --gpus 1 --stage 2 --quantization nf4
-    python launch/estimate_memory.py --table            # the README table of the launch/ recipes
+    python launch/estimate_memory.py --table            # the table of the launch/ recipes (docs/recipes.md)
     python launch/estimate_memory.py --table --json out.json
 
 Every component is a byte count from the shapes; the only allowances that are not computed are named as such
@@ -18,7 +18,7 @@ Components (bytes; P = base parameters, T = trainable adapter parameters = A + B
   adapter gradients  2 T / N (reduced bf16 gradient partition, ZeRO >= 2) + 4 T / N (fp32 copy of this rank's
                      partition made for the optimizer step). With optimizer offload the fp32 partition is on the host.
   BeamLoRA snapshot  host only: 3 x 4 bytes x (A + B) / N per process (fp32 rows/columns + both Adam moments of
-                     this rank's shard; DESIGN.md). The score is not snapshotted.
+                     this rank's shard; docs/architecture.md). The score is not snapshotted.
   activations        see activation_bytes_per_layer() below.
   ZeRO buffers       reduce buckets: reduce_bucket_size = h^2 elements ("auto" in beamlora_ds/ds_config.py),
                      bf16; ZeRO-2 with overlap_comm allocates two of them (stage_1_and_2.py buf_0/buf_1),
@@ -40,7 +40,7 @@ QLoRA paper, Dettmers et al. 2023, arXiv:2305.14314, section 3 "Double Quantizat
     plus a 256-entry fp32 code and an fp32 offset per tensor.
   So NF4 costs 0.5625 byte/weight without and 0.5159 byte/weight with double quantization (bf16: 2).
   Only the decoder's linear layers are quantized; embeddings, lm_head (transformers skips it) and norms stay bf16.
-  Under ZeRO-3 DeepSpeed partitions the packed 4-bit tensor (PLATFORM.md); the quantization constants live in
+  Under ZeRO-3 DeepSpeed partitions the packed 4-bit tensor (docs/platform.md); the quantization constants live in
   bitsandbytes' quant_state, a plain attribute that ZeRO does not partition (ASSUMPTION, not verified on GPU), so
   we count them whole on every GPU.
 
@@ -473,7 +473,7 @@ def parse_args(argv=None):
     p.add_argument("--overhead_gib", type=float, default=1.0, help="CUDA context + NCCL allowance")
     p.add_argument("--gpu_mem_gib", type=float, default=80.0)
     p.add_argument("--json", help="also write the result as JSON here")
-    p.add_argument("--table", action="store_true", help="print the README table of the launch/ recipes")
+    p.add_argument("--table", action="store_true", help="print the table of the launch/ recipes (docs/recipes.md)")
     return p.parse_args(argv)
 
 

@@ -24,9 +24,9 @@
 # model cache must sit at the same paths on every node (shared filesystem). pdsh forwards only NCCL*, PYTHON*,
 # UCX*, MV2* and MLFLOW* variables: put anything else (HF_HOME, HF_TOKEN, HF_HUB_OFFLINE, ...) into a
 # `.deepspeed_env` file (VAR=VALUE lines) in this directory or in ~. Other launchers exist (`--launcher openmpi`,
-# `mvapich`, `mpich`, `impi`, `slurm`), but they start the script without RANK/WORLD_SIZE/LOCAL_RANK and
-# launch/train.py would then treat every process as a world of one: use pdsh here, or the --no_ssh mode that
-# launch/slurm_70b.sbatch uses.
+# `mvapich`, `mpich`, `impi`, `slurm`): they start the script without RANK/WORLD_SIZE/LOCAL_RANK, and
+# launch/train.py takes the rank from their own variables (OMPI_COMM_WORLD_*, PMI_*, SLURM_*) but then needs
+# MASTER_ADDR and MASTER_PORT exported. pdsh (here) or the --no_ssh mode of launch/slurm_70b.sbatch is simpler.
 #
 # What to change: HOSTFILE (your hosts), MASTER_ADDR (default: the first host of the hostfile, which runs
 # rank 0), MODEL, DATASET (+ PROMPT_FIELD / RESPONSE_FIELD), OUTPUT_DIR (on the shared filesystem). The global
