@@ -21,6 +21,13 @@ from .atomic import out_dir_problem
 from .inject import find_beamlora_modules
 from .zero_access import full_fp32_param
 
+# Names that lived in this module before it was split by job (docs/architecture.md), kept importable from here so
+# users' `from beamlora_ds.export import ...` keeps working; new code imports them from their own modules.
+from .adapter_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, STATE_CONFIG, STATE_WEIGHTS,  # noqa: E402,F401
+                             fold, load_state, peft_tensors)
+from .checkpoint_export import adapter_state_from_checkpoint, export_checkpoint, resolve_tag  # noqa: E402,F401
+from .merge import dequantize_4bit_weight, merge_adapter, merge_state_into, save_merged  # noqa: E402,F401
+
 logger = logging.getLogger(__name__)
 
 NO_MODULES = ("This model has no BeamLoRA modules, so there is no adapter to export. Pass the model that "

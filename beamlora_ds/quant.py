@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ds_config import zero_stage
+from .ds_config import DSConfigError, zero_stage
 from .support import UnsupportedSetupError, check_zero_support
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,10 @@ def check_4bit_request(ds_config: Optional[dict], compute_dtype: torch.dtype = t
         raise QuantizationError(f"compute_dtype={compute_dtype!r}: use torch.bfloat16, torch.float16 or torch.float32.")
     if not isinstance(double_quant, bool):
         raise QuantizationError(f"double_quant={double_quant!r}: use True or False.")
-    stage = zero_stage(ds_config)
+    try:
+        stage = zero_stage(ds_config)
+    except DSConfigError as e:  # callers of this function catch QuantizationError
+        raise QuantizationError(str(e)) from e
     if stage == 3 and device_map is not None:
         raise QuantizationError(f"device_map={device_map!r} under ZeRO stage 3: DeepSpeed places and partitions the "
                                 "model itself (transformers refuses a device_map with ZeRO-3). Remove device_map; each "

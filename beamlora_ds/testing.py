@@ -114,15 +114,19 @@ def _run_once(cmd, timeout, cwd, env, echo_prefix) -> subprocess.CompletedProces
         except ProcessLookupError:
             pass
 
+    collected = threading.Lock()  # held by whichever comes first: the timeout or the end of the output
+
     def on_timeout():
-        timed_out.set()
-        kill_group()
+        if collected.acquire(blocking=False):  # the output is not complete: this is a real timeout
+            timed_out.set()
+            kill_group()
 
     timer = threading.Timer(timeout, on_timeout)
     timer.daemon = True
     timer.start()
     try:
         stdout, stderr = _collect(proc, echo_prefix)
+        collected.acquire(blocking=False)  # a timer firing from now on finds it held and does nothing
     except BaseException:  # Ctrl-C or an error here must not leave a DeepSpeed launch running
         kill_group()
         proc.wait()

@@ -204,8 +204,10 @@ def connect(state: RunState):
     state.dist = dist
     if state.world != announced:
         state.config = resolve_batch(state.args, state.raw_config, state.world)
+    # on every process, whatever its own cache showed before connecting: the conversion's barrier must pair up
+    path = models.model_path(state.name, state.rank, barrier=dist.barrier)
     if state.examples is None:
-        read_inputs(state, models.model_path(state.name, state.rank, barrier=dist.barrier))
+        read_inputs(state, path)
     plan(state)
 
 

@@ -235,13 +235,17 @@ def test_refused_cleanly_end_to_end(files, tmp_path, argv, words, env, hidden):
     assert _tree(files) == before
 
 
-def test_resume_checks_every_setting_the_controller_checks():
+def test_resume_checks_every_setting_the_controller_checks(train):
     """One list (config.RESUME_FIELDS): what BeamController.load_state_dict would refuse after loading, train.py
     refuses by flag before anything loads (total_steps through --max_steps)."""
     from beamlora_ds.config import RESUME_FIELDS
     from beamlora_ds.train_checks import CONFIG_FLAGS, RESUME_FLAGS
 
-    assert {CONFIG_FLAGS.get(f, "--max_steps") for f in RESUME_FIELDS} <= set(RESUME_FLAGS)
+    # every field but total_steps has its own flag (a new field without one must be added to CONFIG_FLAGS)
+    assert {f for f in RESUME_FIELDS if f not in CONFIG_FLAGS} == {"total_steps"}
+    assert {CONFIG_FLAGS[f] for f in RESUME_FIELDS if f != "total_steps"} | {"--max_steps"} <= set(RESUME_FLAGS)
+    args = vars(train.parse_args(["--ds_config", "x.json"]))  # every flag compared is one train.py really has
+    assert all(flag[2:] in args for flag in RESUME_FLAGS), [f for f in RESUME_FLAGS if f[2:] not in args]
 
 
 def test_rank_environment_from_launchers():
