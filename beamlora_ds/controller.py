@@ -58,7 +58,8 @@ class BeamController:
         t, cfg = self.global_step, self.config
         if loss is not None and self._nonfinite_loss_step is None and not math.isfinite(float(loss)):
             self._nonfinite_loss_step = t
-            logger.warning("BeamLoRA: non-finite loss (%s) at step %d; the next reset will be skipped", float(loss), t)
+            _log(logging.WARNING, "BeamLoRA: non-finite loss (%s) at step %d; the next reset will be skipped",
+                 float(loss), t)
         record = None
         if beam.is_snapshot_step(t, cfg.interval, cfg.total_steps):
             self._snapshot, self._snapshot_step = access.snapshot(), t
@@ -102,7 +103,7 @@ class BeamController:
         self._nonfinite_loss_step = None
         if skipped:
             record = {"step": step, "keep_fraction": keep, "skipped": skipped, "pruned": [], "sources": []}
-            logger.warning("BeamLoRA reset at step %d skipped (%s); training goes on", step, skipped)
+            _log(logging.WARNING, "BeamLoRA reset at step %d skipped (%s); training goes on", step, skipped)
             self.history.append(record)
             return record
         if self._snapshot is None:
@@ -120,8 +121,8 @@ class BeamController:
         record = self._record(step, keep, plans, importance, new_logits, access)
         record["all_reduce_bytes"] = access.all_reduce_bytes - bytes_before
         self.history.append(record)
-        logger.info("BeamLoRA reset at step %d: keep-fraction %.4f, %d ranks pruned in %d of %d modules",
-                    step, keep, len(record["pruned"]), len(plans), len(self.modules))
+        _log(logging.INFO, "BeamLoRA reset at step %d: keep-fraction %.4f, %d ranks pruned in %d of %d modules",
+             step, keep, len(record["pruned"]), len(plans), len(self.modules))
         return record
 
     def _record(self, step, keep, plans, importance, new_logits, access) -> dict:
@@ -170,6 +171,14 @@ class BeamController:
         self._snapshot_step = state["snapshot_step"]
         self.history = list(state["history"])
         self._nonfinite_loss_step = state.get("nonfinite_loss_step")
+
+
+def _log(level: int, message: str, *args) -> None:
+    """Reset lines come from process 0 only: every process decides the same reset, and 64 identical lines on 64
+    GPUs say no more than one (the record itself is in `history` on every process)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        logger.log(level, message, *args)
 
 
 def make_access(modules, optimizer_or_engine) -> PlatformAccess:

@@ -7,6 +7,7 @@ weightless skeleton.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -160,3 +161,16 @@ def resolve_batch(args, raw_config: dict, world_size: int) -> dict:
                             max_grad_norm=from_cli(args, "max_grad_norm", raw_config, "gradient_clipping", 1.0),
                             bf16=args.bf16, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
                             total_steps=None, warmup_steps=None, hidden_size=None, persistence_threshold=None)
+
+
+def show_defaults(parser, paper_defaults: dict, builtin_defaults: dict) -> None:
+    """--help names each default: the paper's run and the built-in run where they differ, else the flag's own."""
+    for action in parser._actions:  # argparse has no public list of a parser's actions
+        key = action.dest
+        if action.help in (None, argparse.SUPPRESS) or key == "help":
+            continue
+        if key in paper_defaults:
+            paper = "required" if paper_defaults[key] is None else f"default {paper_defaults[key]!r}"
+            action.help += f" ({paper}; built-in run {builtin_defaults[key]!r})"
+        elif action.default not in (None, False, argparse.SUPPRESS) and "default" not in action.help:
+            action.help += f" (default {action.default!r})"

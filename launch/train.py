@@ -30,7 +30,7 @@ from beamlora_ds.evaluate import exact_match  # noqa: E402
 from beamlora_ds.engine import all_reduce_to_cpu, initialize_engine, optimizer_step  # noqa: E402
 from beamlora_ds.processes import release_shm_buffers  # noqa: E402
 from beamlora_ds.run_log import RunLog  # noqa: E402
-from beamlora_ds.train_checks import (UsageError, check_arguments, check_output_dir,  # noqa: E402
+from beamlora_ds.train_checks import (UsageError, show_defaults, check_arguments, check_output_dir,  # noqa: E402
                                       check_targets_before_loading, make_beam_config, resolve_batch)
 
 logger = logging.getLogger("beamlora_ds.train")
@@ -48,6 +48,13 @@ PAPER_DEFAULTS = dict(lora_r=64, lora_alpha=128.0, lora_dropout=0.05, interval=3
 # ------------------------------------------------------------------------------------------ the command line
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for add_groups in (_deepspeed_and_model_options, _data_options, _beamlora_options, _training_and_output_options):
+        add_groups(p)
+    show_defaults(p, PAPER_DEFAULTS, BUILTIN_DEFAULTS)
+    return p.parse_args(argv)
+
+
+def _deepspeed_and_model_options(p):
     g = p.add_argument_group("DeepSpeed")
     g.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", help="DeepSpeed JSON (ds_configs/*.json)")
     g.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
@@ -56,50 +63,65 @@ def parse_args(argv=None):
     g.add_argument("--model_name_or_path", default=None,
                    help="hub name or local folder; default: built-in (SmolLM2-135M if installed, else tiny Llama)")
     g.add_argument("--bf16", action="store_true", default=None, help="train in bf16 (must match the config)")
-    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--quantization", default="none", choices=["none", "nf4"],
                    help="nf4: load the base in 4-bit NF4 with double quantization (QLoRA-style; needs bitsandbytes); "
                         "compute dtype bf16 with --bf16, else fp32")
+
+
+def _data_options(p):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=None, help="hub name, .json/.jsonl/.csv file, or a save_to_disk folder")
-    g.add_argument("--dataset_split", default="train")
-    g.add_argument("--prompt_field", default="prompt")
-    g.add_argument("--response_field", default="response")
+    g.add_argument("--dataset_split", default="train", help="split of a hub dataset or folder")
+    g.add_argument("--prompt_field", default="prompt", help="field holding each example's prompt")
+    g.add_argument("--response_field", default="response", help="field holding the response (the loss is on it)")
     g.add_argument("--prompt_template", default=data_lib.DEFAULT_TEMPLATE, help="must contain {prompt}")
-    g.add_argument("--max_length", type=int, default=None)
+    g.add_argument("--max_length", type=int, default=None, help="tokens per example (longer ones are dropped)")
     g.add_argument("--eval_samples", type=int, default=None, help="held-out built-in questions for exact match")
+
+
+def _beamlora_options(p):
     g = p.add_argument_group("BeamLoRA")
-    g.add_argument("--lora_r", type=int, default=None)
-    g.add_argument("--lora_alpha", type=float, default=None)
-    g.add_argument("--lora_dropout", type=float, default=None)
-    g.add_argument("--tau", type=float, default=0.05)
+    g.add_argument("--lora_r", type=int, default=None, help="rank r of every adapter")
+    g.add_argument("--lora_alpha", type=float, default=None, help="scaling alpha (the update is alpha/r B w A x)")
+    g.add_argument("--lora_dropout", type=float, default=None, help="dropout on the adapter's input")
+    g.add_argument("--tau", type=float, default=0.05,
+                   help="softmax temperature of the rank scores (the paper uses 0.03 when lr < 1e-4)")
     g.add_argument("--target_modules", default=",".join(LLAMA_PROJECTIONS),
                    help="comma-separated names, or a regex if it starts with 're:'")
     g.add_argument("--interval", type=int, default=None, help="reset interval T in optimizer steps")
-    g.add_argument("--p0", type=float, default=None)
-    g.add_argument("--t_end", type=int, default=None)
-    g.add_argument("--optimizer_state", default="inherit", choices=["inherit", "keep"])
-    g.add_argument("--importance", default="score", choices=["score", "norm"])
+    g.add_argument("--p0", type=float, default=None,
+                   help="keep-fraction at the first reset; it rises to 1 along a half cosine")
+    g.add_argument("--t_end", type=int, default=None,
+                   help="step at which the keep-fraction reaches 1 (default: two thirds of the run)")
+    g.add_argument("--optimizer_state", default="inherit", choices=["inherit", "keep"],
+                   help="Adam moments of a refilled rank: the source's from the snapshot, or left as they were")
+    g.add_argument("--importance", default="score", choices=["score", "norm"],
+                   help="rank importance: the learned score, or ||b_i|| ||a_i||")
+
+
+def _training_and_output_options(p):
     g = p.add_argument_group("training")
-    g.add_argument("--learning_rate", type=float, default=None)
-    g.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant"])
-    g.add_argument("--warmup_ratio", type=float, default=None)
-    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--learning_rate", type=float, default=None, help="peak learning rate")
+    g.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant"],
+                   help="after the warmup")
+    g.add_argument("--warmup_ratio", type=float, default=None, help="fraction of the steps with linear warmup")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="on A and B (never on the score)")
     g.add_argument("--max_grad_norm", type=float, default=None, help="default 1.0 (or the config's value)")
-    g.add_argument("--num_train_epochs", type=float, default=3.0)
+    g.add_argument("--num_train_epochs", type=float, default=3.0, help="used when --max_steps is not > 0")
     g.add_argument("--max_steps", type=int, default=None, help="optimizer steps; overrides epochs when > 0")
-    g.add_argument("--per_device_train_batch_size", type=int, default=None)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=None)
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--per_device_train_batch_size", type=int, default=None, help="examples per process per micro-step")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=None,
+                   help="micro-steps per optimizer step (default 1, or the config's value)")
+    g.add_argument("--seed", type=int, default=42, help="data order, adapter init, reset pairing")
     g = p.add_argument_group("output")
-    g.add_argument("--output_dir", default=None)
-    g.add_argument("--overwrite_output_dir", action="store_true")
+    g.add_argument("--output_dir", default=None, help="run folder: checkpoints, adapter, log.jsonl, run_args.json")
+    g.add_argument("--overwrite_output_dir", action="store_true", help="write into a non-empty output_dir")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    g.add_argument("--save_steps", type=int, default=None)
-    g.add_argument("--logging_steps", type=int, default=None)
+    g.add_argument("--save_steps", type=int, default=None, help="checkpoint every N optimizer steps; 0: at the end")
+    g.add_argument("--logging_steps", type=int, default=None, help="a log.jsonl record every N steps")
     g.add_argument("--stop_after", type=int, default=0,
                    help="checkpoint and exit after this step (to fit a job time limit; continue with --resume)")
-    return p.parse_args(argv)
 
 
 def fill_defaults(args):

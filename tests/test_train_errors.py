@@ -258,3 +258,16 @@ def test_rank_environment_from_launchers():
     assert rank_environment({})["WORLD_SIZE"] == "1"
     with pytest.raises(LaunchEnvironmentError, match="MASTER_ADDR"):
         rank_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+def test_help_names_every_default_and_explains_the_method_flags(train, capsys):
+    """--help says what each BeamLoRA flag means and its default (the paper's run and the built-in run)."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in ("--lora_r LORA_R rank r of every adapter (default 64; built-in run 8)",
+                     "--tau TAU softmax temperature", "(default 0.05)", "--p0 P0 keep-fraction at the first reset",
+                     "(default 0.95; built-in run 0.8)", "--t_end T_END step at which the keep-fraction reaches 1",
+                     "--prompt_field PROMPT_FIELD field holding each example's prompt (default 'prompt')",
+                     "--output_dir OUTPUT_DIR run folder", "(required; built-in run 'outputs/builtin')"):
+        assert expected in text, expected
