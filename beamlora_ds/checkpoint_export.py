@@ -8,6 +8,7 @@ beamlora_ds.save_checkpoint wrote beside them.
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 from typing import Dict, Optional, Tuple
@@ -131,10 +132,22 @@ def export_checkpoint(checkpoint_dir: str, out_dir: str, tag: Optional[str] = No
     if merge:
         return _export_merged(state, base_model, out_dir, overwrite)
     targets = target_modules_from_config(config.get("target_modules", []), state.module_names)
+    base_model = base_model or base_model_of_run(checkpoint_dir)
     write_adapter(state, out_dir, targets, task_type, base_model, overwrite)
     logger.info("Wrote a peft LoRA adapter (%d modules, r=%d, score folded into A) to %s",
                 len(state.module_names), state.r, out_dir)
     return out_dir
+
+
+def base_model_of_run(checkpoint_dir: str) -> Optional[str]:
+    """The model a launch/train.py run trained, read from the run_args.json it writes beside its checkpoints folder,
+    so an adapter exported without --base_model still names its base (None: no such file, or the built-in model)."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(checkpoint_dir)), "run_args.json")) as f:
+            name = json.load(f).get("model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
 
 
 def _export_merged(state: AdapterState, base_model: str, out_dir: str, overwrite: bool) -> str:
@@ -144,8 +157,8 @@ def _export_merged(state: AdapterState, base_model: str, out_dir: str, overwrite
     merge_state_into(model, state)
     tokenizer = _tokenizer_or_none(base_model)
     save_merged(model, out_dir, overwrite=overwrite, tokenizer=tokenizer)
-    logger.info("Merged %d BeamLoRA modules into %s and saved the model to %s", len(state.module_names),
-                base_model, out_dir)
+    logger.info("Merged %d BeamLoRA modules into a copy of %s (which is not modified) and saved the merged model "
+                "to %s", len(state.module_names), base_model, out_dir)
     return out_dir
 
 

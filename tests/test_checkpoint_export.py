@@ -1,5 +1,6 @@
 """Reading a DeepSpeed checkpoint folder offline (checkpoint_export.py): which tag, the controller state, the
 refusals. Real ZeRO 0/2/3 checkpoints: tests/distributed/test_export_zero.py."""
+import json
 import os
 
 import pytest
@@ -47,3 +48,19 @@ def test_export_checkpoint_refuses_before_reading_anything(tmp_path):
     with pytest.raises(ValueError, match="--merge needs --base_model"):
         export_checkpoint(str(tmp_path / "no_checkpoint"), str(tmp_path / "fresh"), merge=True)
     assert os.listdir(out) == ["mine.txt"] and not os.path.exists(tmp_path / "fresh")
+
+
+def test_the_base_model_comes_from_the_run_beside_the_checkpoints(tmp_path):
+    """launch/train.py writes run_args.json beside checkpoints/: an export without --base_model names that model."""
+    from beamlora_ds.checkpoint_export import base_model_of_run
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    assert base_model_of_run(str(checkpoints)) is None  # no run_args.json
+    (tmp_path / "run" / "run_args.json").write_text(json.dumps({"model_name_or_path": "org/model-7b"}))
+    assert base_model_of_run(str(checkpoints)) == "org/model-7b"
+    assert base_model_of_run(str(checkpoints) + "/") == "org/model-7b"
+    (tmp_path / "run" / "run_args.json").write_text(json.dumps({"model_name_or_path": None}))  # the built-in run
+    assert base_model_of_run(str(checkpoints)) is None
+    (tmp_path / "run" / "run_args.json").write_text("{not json")
+    assert base_model_of_run(str(checkpoints)) is None
