@@ -186,11 +186,11 @@ def make_access(modules, optimizer_or_engine) -> PlatformAccess:
     if not is_deepspeed_engine(optimizer_or_engine):
         return TorchAccess(modules, optimizer_or_engine)
     engine = optimizer_or_engine
-    check_engine_support(engine)  # ZeRO-0 in bf16/fp16, NVMe parameter offload: refused with the fix
     if engine.zero_optimization_stage() > 0:
         from .zero_access import ZeroAccess
 
-        return ZeroAccess(modules, engine)
+        return ZeroAccess(modules, engine)  # refuses an unsupported setup itself (NVMe parameter offload)
+    check_engine_support(engine)  # ZeRO-0 in bf16/fp16: refused with the fix
     return TorchAccess(modules, engine.optimizer)  # stage 0, fp32: whole params, a plain optimizer per process
 
 
