@@ -47,6 +47,7 @@ class AdapterState:
     alpha: float
     tau: float
     dropout: float = 0.0
+    fan_in_fan_out: bool = False  # peft's flag: the bases store their weight in x out (transformers Conv1D)
     lora_A: Dict[str, torch.Tensor] = field(default_factory=dict)
     lora_B: Dict[str, torch.Tensor] = field(default_factory=dict)
     lora_score: Dict[str, torch.Tensor] = field(default_factory=dict)
@@ -63,13 +64,25 @@ class AdapterState:
         return fold(self.lora_A[name], self.lora_B[name], self.lora_score[name], self.tau)
 
 
-def shared_settings(modules: Mapping[str, BeamLoRALinear]) -> Tuple[int, float, float, float]:
-    """r, alpha, tau and dropout: one adapter_config.json describes every module, so they must agree."""
+def shared_settings(modules: Mapping[str, BeamLoRALinear]) -> Tuple[int, float, float, float, bool]:
+    """r, alpha, tau, dropout and fan_in_fan_out: one adapter_config.json describes every module, so the first four
+    must agree (fan_in_fan_out: see `fan_in_fan_out_of`)."""
     settings = {(m.r, float(m.alpha), float(m.tau), _dropout_p(m)) for m in modules.values()}
     if len(settings) != 1:
         raise ValueError(f"BeamLoRA modules differ in (r, alpha, tau, dropout): {sorted(settings)}. Export writes "
                          "one adapter_config.json for all modules; use one BeamLoRAConfig for the whole model.")
-    return next(iter(settings))
+    return (*next(iter(settings)), fan_in_fan_out_of({name: m.fan_in_fan_out for name, m in modules.items()}))
+
+
+def fan_in_fan_out_of(conv1d_by_name: Mapping[str, bool]) -> bool:
+    """peft's `fan_in_fan_out` for adapter_config.json, from which modules wrap a transformers Conv1D: True when
+    any does. The adapter tensors have the same shapes either way (A: r x in, B: out x r); the flag only tells
+    peft that the base weight is stored in x out (docs/architectures.md).
+
+    peft has one flag for all layers, but its loader sets it per layer from the layer's type, so an adapter on
+    Conv1D and nn.Linear layers together (GPT-2's c_attn with lm_head) still loads right: True describes the
+    Conv1D layers, and peft says so in a warning for each nn.Linear layer."""
+    return any(conv1d_by_name.values())
 
 
 def _dropout_p(module: BeamLoRALinear) -> float:
@@ -85,7 +98,8 @@ def fold(lora_A: torch.Tensor, lora_B: torch.Tensor, lora_score: torch.Tensor, t
 
 
 def delta_weight(state: AdapterState, name: str) -> torch.Tensor:
-    """(alpha / r) * B diag(w) A in fp32, shaped like the base weight (out x in)."""
+    """(alpha / r) * B diag(w) A in fp32, shaped like an nn.Linear weight (out x in; a Conv1D weight is its
+    transpose)."""
     folded_A, folded_B = state.folded(name)
     return state.scaling * (folded_B @ folded_A)
 
@@ -109,7 +123,7 @@ def peft_config_dict(state: AdapterState, target_modules: Union[List[str], str],
     alpha = int(state.alpha) if float(state.alpha).is_integer() else state.alpha
     config = LoraConfig(r=state.r, lora_alpha=alpha, lora_dropout=state.dropout, target_modules=target_modules,
                         bias="none", task_type=task_type, base_model_name_or_path=base_model_name_or_path,
-                        inference_mode=True, fan_in_fan_out=False, use_rslora=False, use_dora=False,
+                        inference_mode=True, fan_in_fan_out=state.fan_in_fan_out, use_rslora=False, use_dora=False,
                         init_lora_weights=True)
     out = config.to_dict()
     for key, value in out.items():
@@ -179,7 +193,7 @@ def _state_tensors(state: AdapterState) -> Dict[str, torch.Tensor]:
 
 def _state_json(state: AdapterState, base_model_name_or_path: Optional[str]) -> dict:
     return {"format": STATE_FORMAT, "version": STATE_VERSION, "r": state.r, "alpha": state.alpha, "tau": state.tau,
-            "dropout": state.dropout, "module_names": state.module_names,
+            "dropout": state.dropout, "fan_in_fan_out": state.fan_in_fan_out, "module_names": state.module_names,
             "base_model_name_or_path": base_model_name_or_path,
             "note": f"Unfolded BeamLoRA state: <module>.lora_A, .lora_B, .lora_score. {ADAPTER_WEIGHTS} holds the "
                     "folded vanilla-LoRA equivalent A' = diag(r * softmax(score / tau)) A, B' = B."}
@@ -194,7 +208,8 @@ def load_state(adapter_dir: str) -> AdapterState:
     if meta.get("format") != STATE_FORMAT or meta.get("version") != STATE_VERSION:
         raise ValueError(f"{adapter_dir}/{STATE_CONFIG} is not a version-{STATE_VERSION} BeamLoRA state file.")
     tensors = load_file(os.path.join(adapter_dir, STATE_WEIGHTS))
-    state = AdapterState(r=meta["r"], alpha=meta["alpha"], tau=meta["tau"], dropout=meta["dropout"])
+    state = AdapterState(r=meta["r"], alpha=meta["alpha"], tau=meta["tau"], dropout=meta["dropout"],
+                         fan_in_fan_out=bool(meta.get("fan_in_fan_out", False)))  # absent before Conv1D support
     for name in meta["module_names"]:
         for key in TENSOR_KEYS:
             getattr(state, key)[name] = tensors[f"{name}.{key}"]

@@ -3,7 +3,8 @@
 A training job that died, or ran on a cluster, leaves checkpoints; this turns one into the same files
 save_adapter writes (docs/method.md section 6). The fp32 master is rebuilt from any ZeRO stage's files with
 DeepSpeed's own zero_to_fp32; r, alpha, tau and the module names come from the controller state that
-beamlora_ds.save_checkpoint wrote beside them.
+beamlora_ds.save_checkpoint wrote beside them. Whether the wrapped layers were transformers Conv1D (peft's
+fan_in_fan_out) is not in the checkpoint: it is read from the base model's architecture when the base is known.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .adapter_format import TENSOR_KEYS, AdapterState, target_modules_from_config, write_adapter
+from .adapter_format import (TENSOR_KEYS, AdapterState, fan_in_fan_out_of, target_modules_from_config,
+                             write_adapter)
 from .atomic import out_dir_problem
 from .checkpoint import STATE_FILE
 from .merge import merge_state_into, save_merged
@@ -133,6 +135,7 @@ def export_checkpoint(checkpoint_dir: str, out_dir: str, tag: Optional[str] = No
         return _export_merged(state, base_model, out_dir, overwrite)
     targets = target_modules_from_config(config.get("target_modules", []), state.module_names)
     base_model = base_model or base_model_of_run(checkpoint_dir)
+    state.fan_in_fan_out = fan_in_fan_out_of_base(base_model, state.module_names)
     write_adapter(state, out_dir, targets, task_type, base_model, overwrite)
     logger.info("Wrote a peft LoRA adapter (%d modules, r=%d, score folded into A) to %s",
                 len(state.module_names), state.r, out_dir)
@@ -148,6 +151,29 @@ def base_model_of_run(checkpoint_dir: str) -> Optional[str]:
     except (OSError, ValueError, AttributeError):
         return None
     return name if isinstance(name, str) and name else None
+
+
+def fan_in_fan_out_of_base(base_model: Optional[str], module_names) -> bool:
+    """peft's fan_in_fan_out for these modules of `base_model`: True when they are transformers Conv1D layers
+    (GPT-2 style). The checkpoint cannot tell, since A and B have the same shapes for both layer types; the base
+    model's architecture can, from its config alone (a weightless skeleton, models.meta_skeleton).
+
+    When the base is unknown or unreadable: False, right for nn.Linear bases; peft sets it per layer when it loads
+    the adapter anyway (with a warning for a Conv1D layer)."""
+    if not base_model:
+        return False
+    from .layer import is_conv1d_layout
+    from .models import meta_skeleton
+
+    try:
+        skeleton = meta_skeleton(base_model)
+        conv1d = {name: is_conv1d_layout(skeleton.get_submodule(name)) for name in module_names}
+    except (OSError, ValueError, RuntimeError, AttributeError) as e:
+        logger.warning("Could not read the layer types of %s (%s): adapter_config.json says fan_in_fan_out=false, "
+                       "right for nn.Linear layers. For GPT-2 style Conv1D layers peft corrects it when loading, with "
+                       "a warning.", base_model, e)
+        return False
+    return fan_in_fan_out_of(conv1d)
 
 
 def _export_merged(state: AdapterState, base_model: str, out_dir: str, overwrite: bool) -> str:

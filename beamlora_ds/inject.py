@@ -1,4 +1,7 @@
-"""apply(): wrap the target linear layers of a model in BeamLoRALinear and freeze everything else."""
+"""apply(): wrap the target linear layers of a model in BeamLoRALinear and freeze everything else.
+
+Wrappable are nn.Linear (bitsandbytes Linear4bit is one) and transformers' GPT-2 style Conv1D
+(docs/architectures.md)."""
 from __future__ import annotations
 
 import re
@@ -8,7 +11,8 @@ from torch import nn
 
 from .config import BeamLoRAConfig
 from .controller import BeamController
-from .layer import BeamLoRALinear
+from .layer import WRAPPABLE, BeamLoRALinear, base_features, is_wrappable
+from .targets import model_type_of, recommended_targets
 
 
 def matches_target(name: str, target_modules) -> bool:
@@ -19,7 +23,7 @@ def matches_target(name: str, target_modules) -> bool:
 
 
 def apply(model: nn.Module, config: BeamLoRAConfig) -> BeamController:
-    """Replace every matching nn.Linear in `model` (in place) by a BeamLoRALinear; return its controller.
+    """Replace every matching linear layer in `model` (in place) by a BeamLoRALinear; return its controller.
 
     Only `lora_A`, `lora_B` and `lora_score` stay trainable. Fails before changing anything when nothing
     matches, a match is not a linear layer, or r does not fit a layer.
@@ -48,18 +52,29 @@ def check_targets(model: nn.Module, config: BeamLoRAConfig) -> List[Tuple[str, n
     matched = [(name, module) for name, module in model.named_modules()
                if name and matches_target(name, config.target_modules)]
     if not matched:
-        raise ValueError(f"target_modules={config.target_modules!r} matched no module. Linear layers in this "
-                         f"model are named like: {_linear_name_examples(model)}.")
-    not_linear = [f"{name} ({type(module).__name__})" for name, module in matched if not isinstance(module, nn.Linear)]
+        raise ValueError(no_match_message(model, config.target_modules))
+    not_linear = [f"{name} ({type(module).__name__})" for name, module in matched if not is_wrappable(module)]
     if not_linear:
-        raise TypeError(f"target_modules matched modules BeamLoRA cannot wrap (only nn.Linear and bitsandbytes "
-                        f"Linear4bit): {not_linear[:5]}. Narrow target_modules to the linear projections.")
-    too_small = [f"{name} ({m.in_features}->{m.out_features})" for name, m in matched
-                 if config.r > min(m.in_features, m.out_features)]
+        raise TypeError(f"target_modules matched modules BeamLoRA cannot wrap (it wraps {WRAPPABLE}): "
+                        f"{not_linear[:5]}. Narrow target_modules to the linear projections.")
+    sizes = [(name, *base_features(module)) for name, module in matched]
+    too_small = [f"{name} ({d_in}->{d_out})" for name, d_in, d_out in sizes if config.r > min(d_in, d_out)]
     if too_small:
         raise ValueError(f"r={config.r} is larger than the smaller dimension of {too_small[:5]}. Lower r or "
                          "leave those layers out of target_modules.")
     return matched
+
+
+def no_match_message(model: nn.Module, target_modules) -> str:
+    """Why nothing matched, with the names that would: the model's wrappable layers and, for a known
+    architecture, its recommended targets (targets.py)."""
+    message = (f"target_modules={target_modules!r} matched no module. Layers BeamLoRA can wrap in this model are "
+               f"named like: {wrappable_leaf_names(model)}.")
+    model_type = model_type_of(model)
+    recommended = recommended_targets(model_type)
+    if recommended:
+        message += f" For {model_type} models the recommended target names are {','.join(recommended)}."
+    return message + " See docs/architectures.md."
 
 
 def find_beamlora_modules(model: nn.Module) -> Dict[str, BeamLoRALinear]:
@@ -76,11 +91,12 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0) -> List[
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _linear_name_examples(model: nn.Module, limit: int = 10) -> List[str]:
+def wrappable_leaf_names(model: nn.Module, limit: int = 10) -> List[str]:
+    """Distinct last name parts of the layers apply() could wrap, in module order (any module names if none)."""
     suffixes: List[str] = []
     for name, module in model.named_modules():
         leaf = name.rpartition(".")[2]
-        if isinstance(module, nn.Linear) and leaf not in suffixes:
+        if name and is_wrappable(module) and leaf not in suffixes:
             suffixes.append(leaf)
     examples: Iterable[str] = suffixes[:limit] or [n for n, _ in model.named_modules() if n][:limit]
     return list(examples)

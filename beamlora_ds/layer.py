@@ -1,4 +1,5 @@
-"""BeamLoRALinear: a frozen base linear layer plus a beam of r scored rank-1 sub-solutions.
+"""BeamLoRALinear: a frozen base linear layer (nn.Linear, transformers Conv1D, bitsandbytes Linear4bit) plus a beam
+of r scored rank-1 sub-solutions.
 
     y = W0 x + (alpha / r) * B (w * (A dropout(x))),   w = r * softmax(score / tau)
 
@@ -19,12 +20,44 @@ def rank_weights(score: torch.Tensor, tau: float) -> torch.Tensor:
     return score.shape[-1] * torch.softmax(score.float() / tau, dim=-1)
 
 
-def _base_features(base_layer: nn.Module) -> tuple:
+WRAPPABLE = "nn.Linear, transformers Conv1D (GPT-2 style) and bitsandbytes Linear4bit"
+
+
+def _conv1d_class():
+    """transformers' Conv1D class, or None. Never imports transformers: a model can only hold a Conv1D when
+    `transformers.pytorch_utils` is already imported, so its absence means "no"."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' `Conv1D` (GPT-2 style: weight stored `in x out`, the transpose of nn.Linear's)."""
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_conv1d_layout(module: nn.Module) -> bool:
+    """True when the model's files store this layer's weight in x out (peft's `fan_in_fan_out`): a transformers
+    Conv1D, or a bitsandbytes layer transformers quantized from one (it keeps that class in `source_cls`)."""
+    conv1d, source = _conv1d_class(), getattr(module, "source_cls", None)
+    from_conv1d = conv1d is not None and isinstance(source, type) and issubclass(source, conv1d)
+    return is_conv1d(module) or from_conv1d
+
+
+def is_wrappable(module: nn.Module) -> bool:
+    """A layer BeamLoRALinear can wrap: an nn.Linear (bitsandbytes Linear4bit is one) or a transformers Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def base_features(base_layer: nn.Module) -> tuple:
+    """(in_features, out_features) of a wrappable layer. A Conv1D names them `nx` and `nf` (its weight is
+    `nx x nf`); read from those attributes, they stay right when ZeRO-3 has partitioned the weight."""
+    if is_conv1d(base_layer):
+        return int(base_layer.nx), int(base_layer.nf)
     try:
         return int(base_layer.in_features), int(base_layer.out_features)
     except AttributeError:
         raise TypeError(f"{type(base_layer).__name__} has no in_features/out_features; BeamLoRALinear wraps "
-                        "nn.Linear-like layers only") from None
+                        f"{WRAPPABLE} only") from None
 
 
 def is_4bit_linear(module: nn.Module) -> bool:
@@ -52,16 +85,20 @@ def _adapter_dtype(base_layer: nn.Module) -> torch.dtype:
 
 
 class BeamLoRALinear(nn.Module):
-    """Wraps `base_layer` (kept frozen) with trainable `lora_A` (r x in), `lora_B` (out x r), `lora_score` (r)."""
+    """Wraps `base_layer` (kept frozen) with trainable `lora_A` (r x in), `lora_B` (out x r), `lora_score` (r).
+
+    The shapes are the same for every base type: for a Conv1D base only the base's own weight is transposed.
+    `fan_in_fan_out` (peft's name) records that the model stores the base weight in x out, for adapter_config.json."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, tau: float = 0.05):
         super().__init__()
-        in_features, out_features = _base_features(base_layer)
+        in_features, out_features = base_features(base_layer)
         if r > min(in_features, out_features):
             raise ValueError(f"r={r} exceeds min(in_features={in_features}, out_features={out_features}) of this "
                              "layer: a rank above that adds parameters but no capacity. Lower r.")
         self.base_layer = base_layer
         self.in_features, self.out_features = in_features, out_features
+        self.fan_in_fan_out = is_conv1d_layout(base_layer)
         self.r, self.alpha, self.tau = r, alpha, tau
         self.scaling = alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -1,8 +1,10 @@
 """Merge a BeamLoRA adapter into the base weights: W0 += (alpha / r) B diag(w) A, back to plain layers.
 
 For deployments that want no adapter at all (docs/method.md section 6). A 4-bit bitsandbytes base is
-dequantized first, so the merged model is an ordinary bf16 model, not a 4-bit one. Merging edits modules in
-place and needs whole tensors: outside DeepSpeed only (under ZeRO, export first and merge from the export).
+dequantized first, so the merged model is an ordinary bf16 model, not a 4-bit one. A transformers Conv1D
+base stores its weight in x out, so it gets the transposed update and stays a Conv1D (docs/architectures.md).
+Merging edits modules in place and needs whole tensors: outside DeepSpeed only (under ZeRO, export first and
+merge from the export).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from .access import is_model_wrapper
 from .adapter_format import TENSOR_KEYS, AdapterState, delta_weight, shared_settings
 from .atomic import atomic_dir, out_dir_problem
 from .inject import find_beamlora_modules
+from .layer import is_conv1d, is_conv1d_layout
 from .zero_access import is_zero3_param
 
 logger = logging.getLogger(__name__)
@@ -80,15 +83,17 @@ def _is_4bit(module: nn.Module) -> bool:
 
 
 def merged_linear(base: nn.Module, delta: torch.Tensor, name: str = "") -> nn.Module:
-    """`base` with `delta` added to its weight (in fp32, stored back in the base dtype); a new bf16 nn.Linear
-    for a 4-bit base."""
+    """`base` with `delta` (out x in) added to its weight (in fp32, stored back in the base dtype; transposed for a
+    Conv1D, whose weight is in x out); a new bf16 layer for a 4-bit base (a Conv1D when quantized from one)."""
     weight = getattr(base, "weight", None)
     if weight is None:
         raise TypeError(f"{name}: {type(base).__name__} has no weight to merge into.")
+    if is_conv1d(base):
+        delta = delta.T
     if _is_4bit(base):
         dense = dequantize_4bit_weight(base).float()
         _check_fits(name, dense.shape, delta)
-        return dense_bf16_linear(dense + delta.to(dense.device), getattr(base, "bias", None))
+        return dense_bf16_linear(dense + delta.to(dense.device), getattr(base, "bias", None), is_conv1d_layout(base))
     if not weight.dtype.is_floating_point:
         raise TypeError(f"{name}: cannot merge into a {weight.dtype} weight ({type(base).__name__}); only float "
                         "and bitsandbytes 4-bit bases are supported.")
@@ -103,8 +108,17 @@ def _check_fits(name: str, shape, delta: torch.Tensor) -> None:
                          "Pass the base model this adapter was trained on.")
 
 
-def dense_bf16_linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
-    """A frozen bf16 nn.Linear holding `weight` (out x in) and `bias`: what a merged 4-bit layer becomes."""
+def dense_bf16_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], conv1d: bool = False) -> nn.Module:
+    """A frozen bf16 nn.Linear holding `weight` (out x in) and `bias`: what a merged 4-bit layer becomes. With
+    `conv1d` (the 4-bit layer was quantized from a GPT-2 style Conv1D), a Conv1D holding the transposed weight, so
+    the saved model has the shapes its architecture loads (docs/architectures.md)."""
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(weight.shape[0], weight.shape[1]).to(device=weight.device, dtype=torch.bfloat16)
+        layer.weight.data.copy_(weight.T)
+        layer.bias.data.copy_(bias.data if bias is not None else torch.zeros_like(layer.bias))
+        return layer.requires_grad_(False)
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=torch.bfloat16,
                       device=weight.device)
     layer.weight.data.copy_(weight)
@@ -142,7 +156,7 @@ def to_plain_bf16(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if _is_4bit(module):
             dense = dequantize_4bit_weight(module).float()
-            _replace(model, name, dense_bf16_linear(dense, getattr(module, "bias", None)))
+            _replace(model, name, dense_bf16_linear(dense, getattr(module, "bias", None), is_conv1d_layout(module)))
     quantizer = getattr(model, "hf_quantizer", None)
     config = getattr(model, "config", None)
     if quantizer is not None:

@@ -116,3 +116,21 @@ def test_load_state_refuses_a_foreign_state_file(tmp_path):
     (tmp_path / "beamlora_state.json").write_text(json.dumps({"format": "something else", "version": 1}))
     with pytest.raises(ValueError, match="not a version-1 BeamLoRA state file"):
         load_state(str(tmp_path))
+
+
+def test_fan_in_fan_out_goes_into_both_configs_and_old_state_files_load_without_it(tmp_path):
+    """peft's fan_in_fan_out (GPT-2 style Conv1D bases) is written to adapter_config.json and beamlora_state.json and
+    read back; a state file from before Conv1D support (no such key) loads as nn.Linear bases."""
+    g = torch.Generator().manual_seed(0)
+    state = AdapterState(r=2, alpha=4.0, tau=0.1, fan_in_fan_out=True,
+                         lora_A={"c_attn": torch.randn(2, 3, generator=g)},
+                         lora_B={"c_attn": torch.randn(5, 2, generator=g)}, lora_score={"c_attn": torch.zeros(2)})
+    out = tmp_path / "a"
+    write_adapter(state, str(out), ["c_attn"])
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    meta = json.loads((out / "beamlora_state.json").read_text())
+    assert meta["fan_in_fan_out"] is True and load_state(str(out)).fan_in_fan_out is True
+    del meta["fan_in_fan_out"]
+    (out / "beamlora_state.json").write_text(json.dumps(meta))
+    assert load_state(str(out)).fan_in_fan_out is False
+    assert AdapterState(r=2, alpha=4.0, tau=0.1).fan_in_fan_out is False

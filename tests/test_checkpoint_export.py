@@ -64,3 +64,24 @@ def test_the_base_model_comes_from_the_run_beside_the_checkpoints(tmp_path):
     assert base_model_of_run(str(checkpoints)) is None
     (tmp_path / "run" / "run_args.json").write_text("{not json")
     assert base_model_of_run(str(checkpoints)) is None
+
+
+def test_fan_in_fan_out_comes_from_the_base_models_architecture(tmp_path, caplog):
+    """The checkpoint holds A and B only, shaped alike for both layer types: the base model's config tells whether
+    the wrapped layers are GPT-2 style Conv1D (peft's fan_in_fan_out) or nn.Linear."""
+    transformers = pytest.importorskip("transformers")
+    from beamlora_ds.checkpoint_export import fan_in_fan_out_of_base
+
+    transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0,
+                            eos_token_id=0).save_pretrained(tmp_path / "gpt2")
+    transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                             vocab_size=64).save_pretrained(tmp_path / "llama")
+    gpt2 = str(tmp_path / "gpt2")
+    assert fan_in_fan_out_of_base(gpt2, ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj"]) is True
+    assert fan_in_fan_out_of_base(gpt2, ["transformer.h.0.attn.c_attn", "lm_head"]) is True  # peft fixes lm_head
+    assert fan_in_fan_out_of_base(str(tmp_path / "llama"), ["model.layers.0.self_attn.q_proj"]) is False
+    assert fan_in_fan_out_of_base(None, ["transformer.h.0.attn.c_attn"]) is False  # unknown base: nn.Linear
+    assert fan_in_fan_out_of_base(str(tmp_path / "nowhere"), ["transformer.h.0.attn.c_attn"]) is False
+    assert fan_in_fan_out_of_base(gpt2, ["transformer.h.7.attn.c_attn"]) is False  # not this base's module
+    unknown = [r.message for r in caplog.records if r.name == checkpoint_export.__name__]
+    assert len(unknown) == 2 and all("fan_in_fan_out=false" in m for m in unknown), unknown

@@ -34,9 +34,19 @@ def test_regex_targets_match_whole_names_like_peft():
 
 def test_nothing_matching_lists_what_exists_and_changes_nothing():
     model = tiny_llama()
-    with pytest.raises(ValueError, match="matched no module.*q_proj"):
+    with pytest.raises(ValueError, match="matched no module.*q_proj") as e:
         apply(model, cfg(target_modules=["query_key_value"]))
+    assert ("For llama models the recommended target names are q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+            "down_proj.") in str(e.value)
     assert not find_beamlora_modules(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_nothing_matching_in_a_plain_torch_model_lists_its_linear_layers_only():
+    from helpers import TwoLayerNet
+
+    with pytest.raises(ValueError) as e:
+        apply(TwoLayerNet(), cfg(target_modules=["fc"]))
+    assert "named like: ['q_proj', 'down_proj']." in str(e.value) and "recommended" not in str(e.value)
 
 
 def test_non_linear_match_is_refused():

@@ -131,3 +131,31 @@ def test_bf16_base_creates_bf16_adapter_and_runs():
 def test_rank_larger_than_layer_is_refused():
     with pytest.raises(ValueError, match="exceeds min"):
         BeamLoRALinear(nn.Linear(4, 16), r=8, alpha=8)
+
+
+def test_conv1d_base_follows_the_formula_with_its_transposed_weight():
+    """A GPT-2 style transformers Conv1D stores its weight in x out and computes x W + b: the adapter keeps the
+    nn.Linear shapes (A: r x in, B: out x r) and adds the same delta."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(7, 10)  # nf (out) = 7, nx (in) = 10: weight 10 x 7
+    layer = BeamLoRALinear(base, r=4, alpha=8.0, tau=0.05)
+    assert (layer.in_features, layer.out_features, layer.fan_in_fan_out) == (10, 7, True)
+    assert layer.lora_A.shape == (4, 10) and layer.lora_B.shape == (7, 4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.lora_score.copy_(torch.tensor([0.1, -0.05, 0.0, 0.02]))
+    x = torch.randn(2, 3, 10)
+    w = 4 * torch.softmax(layer.lora_score.double() / 0.05, dim=0)
+    expected = (x.double() @ base.weight.double() + base.bias.double()
+                + (8.0 / 4) * ((x.double() @ layer.lora_A.double().T) * w) @ layer.lora_B.double().T)
+    assert torch.allclose(layer(x).double(), expected, atol=1e-5)
+    assert not BeamLoRALinear(nn.Linear(10, 7), r=4, alpha=8.0).fan_in_fan_out
+
+
+def test_rank_larger_than_a_conv1d_layer_is_refused():
+    from transformers.pytorch_utils import Conv1D
+
+    with pytest.raises(ValueError, match=r"exceeds min\(in_features=16, out_features=4\)"):
+        BeamLoRALinear(Conv1D(4, 16), r=8, alpha=8)

@@ -97,3 +97,39 @@ def test_merging_a_4bit_base_gives_bf16_dequantized_plus_delta(ids, tmp_path, ca
     effect = (expected - logits(tiny_llama(seed=0, hidden=64), ids)).abs().max()
     # a bf16 model (weights and activations) vs NF4 + fp32 compute: measured gap 0.011, adapter effect 0.68
     assert (got - expected).abs().max() < 0.05 * effect, ((got - expected).abs().max(), effect)
+
+
+def test_merging_a_4bit_gpt2_gives_conv1d_layers_that_reload(tmp_path):
+    """transformers quantizes GPT-2's Conv1D layers into Linear4bit (weights transposed to out x in, the class kept
+    in `source_cls`). The merged layers must be Conv1D again, or the saved model does not load as GPT-2; and the
+    adapter of such a model says fan_in_fan_out=true, as for the unquantized base peft will load it on."""
+    pytest.importorskip("bitsandbytes")
+    import transformers
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.pytorch_utils import Conv1D
+
+    from beamlora_ds import BeamLoRAConfig, apply
+    from beamlora_ds.adapter_format import shared_settings
+
+    torch.manual_seed(0)  # n_embd 64: bitsandbytes' CPU repacking needs in_features >= its block size (64)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0,
+                                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                                   bnb_4bit_compute_dtype=torch.float32))
+    beam = apply(model, BeamLoRAConfig(r=4, alpha=8.0, dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"],
+                                       total_steps=40, interval=8))
+    with torch.no_grad():
+        for m in beam.modules:
+            m.lora_B.normal_(std=0.2)
+    assert shared_settings(find_beamlora_modules(model))[4] is True  # fan_in_fan_out
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    expected = logits(model.eval(), ids)
+    save_merged(model, str(tmp_path / "merged"))
+    assert type(model.transformer.h[0].attn.c_attn) is Conv1D and type(model.transformer.h[1].mlp.c_proj) is Conv1D
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    effect = (expected - logits(AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval(), ids)).abs().max()
+    got = logits(reloaded, ids).float()
+    # bf16 weights and activations against NF4 + fp32 compute: measured gap 0.006, adapter effect 0.94
+    assert (got - expected).abs().max() < 0.05 * effect, ((got - expected).abs().max(), effect)
