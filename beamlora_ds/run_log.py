@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Optional
 
+from .telemetry import reset_log_record
+
 
 class RunLog:
     """log.jsonl in `output_dir` plus the progress bar, on rank 0 only."""
@@ -44,8 +46,8 @@ class RunLog:
             self.bar.close()
 
     def reset(self, record: dict) -> None:
-        """A BeamController reset record (tuples become lists, anything else odd a string)."""
-        self.write({"type": "reset", **_jsonable(record)},
+        """A BeamController reset record, encoded as `telemetry.log_reset` writes it from a user's own loop."""
+        self.write(reset_log_record(record),
                    f"reset at step {record['step']}: keep-fraction {record['keep_fraction']:.4f}, "
                    f"{len(record['pruned'])} ranks pruned in {len({n for n, _ in record['pruned']})} modules"
                    + (f" (skipped: {record['skipped']})" if record.get("skipped") else ""))
@@ -56,7 +58,3 @@ class RunLog:
                    f"non-finite loss ({loss}) at step {step}: "
                    + ("DeepSpeed skipped the update (fp16 overflow)" if not step_applied
                       else "the next BeamLoRA reset will be skipped"))
-
-
-def _jsonable(record: dict) -> dict:
-    return json.loads(json.dumps(record, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
