@@ -54,6 +54,10 @@ class PlatformAccess:
         """True when every process computed the same checksum (debug check against silent desync)."""
         return True
 
+    def score_weight_decays(self) -> List[Optional[float]]:
+        """The weight decay the optimizer applies to each module's score (None where it cannot be told)."""
+        return [None] * len(self.modules)
+
 
 def is_deepspeed_engine(obj) -> bool:
     """True for a DeepSpeed engine (by class name, so that importing this module never imports DeepSpeed)."""
@@ -74,6 +78,38 @@ def unwrap_model(model_or_engine) -> torch.nn.Module:
     return model
 
 
+def is_deepspeed_optimizer(obj) -> bool:
+    """A DeepSpeed wrapper optimizer (ZeRO, FP16/BF16): what `engine.optimizer` is under ZeRO 1-3 or mixed precision."""
+    return type(obj).__module__.split(".")[0] == "deepspeed"
+
+
+def deepspeed_managed(param: torch.Tensor) -> bool:
+    """True once a DeepSpeed ZeRO engine has taken `param` over: ZeRO-3 partitioned it (`ds_id`), or ZeRO-1/2 linked
+    it to its fp32 master (`_hp_mapping`). Its values then live in the engine, not in any torch optimizer."""
+    return hasattr(param, "ds_id") or getattr(param, "_hp_mapping", None) is not None
+
+
+PASS_THE_ENGINE = ("Pass the DeepSpeed engine itself, `beam.step(engine)`, after every `engine.step()`: BeamLoRA edits "
+                   "the engine's fp32 master and Adam moments through it.")
+
+
+def optimizer_steps(optimizer_or_engine, modules: Sequence[BeamLoRALinear]) -> Optional[int]:
+    """How many optimizer updates the adapters have had, by the optimizer's own count (None when it keeps none).
+
+    A DeepSpeed engine counts its steps and the ones it skipped (fp16 overflow, non-finite gradients); Adam-style
+    torch optimizers keep a `step` per parameter. BeamController compares this with its own step count.
+    """
+    if is_deepspeed_engine(optimizer_or_engine):
+        return int(optimizer_or_engine.global_steps) - int(getattr(optimizer_or_engine, "skipped_steps", 0))
+    try:
+        optimizer = unwrap_optimizer(optimizer_or_engine)
+    except TypeError:
+        return None
+    steps = [optimizer.state.get(m.lora_score, {}).get("step") for m in modules]
+    steps = [int(s) for s in steps if s is not None]
+    return max(steps) if steps else None
+
+
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     """Accept wrappers that hold a torch optimizer in `.optimizer` (accelerate, HF)."""
     seen = 0
@@ -90,13 +126,18 @@ class TorchAccess(PlatformAccess):
 
     def __init__(self, modules: Sequence[BeamLoRALinear], optimizer):
         self.modules = list(modules)
+        if is_deepspeed_optimizer(optimizer) or any(deepspeed_managed(p) for m in self.modules
+                                                     for _, p in _adapter_params(m)):
+            raise TypeError(f"BeamController.step() got {type(optimizer).__name__}, but this model is trained by a "
+                            f"DeepSpeed engine. {PASS_THE_ENGINE}")
         self.optimizer = unwrap_optimizer(optimizer)
         in_optimizer = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         missing = [name for m in self.modules for name, p in _adapter_params(m) if id(p) not in in_optimizer]
         if missing:
             raise ValueError(f"{len(missing)} BeamLoRA parameters are not in the optimizer (e.g. {missing[:3]}). "
                              "Build the optimizer from the trainable parameters after beamlora_ds.apply(), e.g. "
-                             "AdamW(p for p in model.parameters() if p.requires_grad).")
+                             "AdamW(beamlora_ds.optimizer_param_groups(model)); with DeepSpeed, call apply() before "
+                             "deepspeed.initialize.")
 
     def rank_stats(self, with_norms: bool) -> RankStats:
         stats = RankStats(torch.stack([m.lora_score.detach().float().cpu() for m in self.modules]))
@@ -138,6 +179,10 @@ class TorchAccess(PlatformAccess):
         for module in self.modules:
             for moment in self._moments(module.lora_score).values():
                 moment.zero_()
+
+    def score_weight_decays(self):
+        decay = {id(p): group.get("weight_decay", 0.0) for group in self.optimizer.param_groups for p in group["params"]}
+        return [decay.get(id(m.lora_score)) for m in self.modules]
 
 
 def _copy_rows(dst: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:

@@ -41,6 +41,7 @@ def save_checkpoint(engine, beam: BeamController, save_dir: str, tag: Optional[s
     at any moment leaves `latest` naming the previous complete checkpoint; the next save clears the leftovers.
     """
     tag = validate_tag(str(tag or f"global_step{engine.global_steps}"))
+    beam.warn_if_step_count_differs(engine)  # a forgotten or extra beam.step() shows here, not silently later
     staging = tag + PARTIAL
     folder = os.path.join(save_dir, staging)
     owner = ranks.owns_folders(engine)

@@ -21,6 +21,7 @@ from .adapter_format import (TENSOR_KEYS, AdapterState, fan_in_fan_out_of, targe
 from .atomic import out_dir_problem
 from .checkpoint import STATE_FILE
 from .merge import merge_state_into, save_merged
+from .trainer_export import adapter_state_from_folder, trainer_adapter_folder
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +131,19 @@ def export_checkpoint(checkpoint_dir: str, out_dir: str, tag: Optional[str] = No
         raise FileExistsError(problem)
     if merge and not base_model:
         raise ValueError("--merge needs --base_model PATH: the base weights are not in the adapter checkpoint.")
-    state, config = adapter_state_from_checkpoint(checkpoint_dir, tag)
+    trainer_folder = trainer_adapter_folder(checkpoint_dir, tag)
+    if trainer_folder:  # a Trainer checkpoint-N (or its output_dir): it already holds our unfolded state
+        state, config = adapter_state_from_folder(trainer_folder)
+    else:
+        state, config = adapter_state_from_checkpoint(checkpoint_dir, tag)
     if merge:
         return _export_merged(state, base_model, out_dir, overwrite)
     targets = target_modules_from_config(config.get("target_modules", []), state.module_names)
-    base_model = base_model or base_model_of_run(checkpoint_dir)
-    state.fan_in_fan_out = fan_in_fan_out_of_base(base_model, state.module_names)
+    if trainer_folder:
+        base_model = base_model or config.get("base_model_name_or_path")
+    else:
+        base_model = base_model or base_model_of_run(checkpoint_dir)
+        state.fan_in_fan_out = fan_in_fan_out_of_base(base_model, state.module_names)
     write_adapter(state, out_dir, targets, task_type, base_model, overwrite)
     logger.info("Wrote a peft LoRA adapter (%d modules, r=%d, score folded into A) to %s",
                 len(state.module_names), state.r, out_dir)

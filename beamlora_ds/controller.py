@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from typing import Dict, List, Optional
 
 import torch
 
 from . import beam
-from .access import PlatformAccess, RankStats, TorchAccess, is_deepspeed_engine
+from .apply_checks import optimizers_holding
+from .access import PlatformAccess, RankStats, TorchAccess, is_deepspeed_engine, optimizer_steps
 from .config import RESUME_FIELDS, BeamLoRAConfig
 from .failpoints import kill_point
 from .layer import BeamLoRALinear
@@ -22,6 +24,14 @@ from .support import check_engine_support
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+
+_controller_of_module: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # module -> weakref(controller)
+
+
+def controller_of(module: torch.nn.Module) -> Optional["BeamController"]:
+    """The live controller that drives `module` (a BeamLoRALinear), if any: how export finds the step count."""
+    ref = _controller_of_module.get(module)
+    return ref() if ref is not None else None
 
 
 class BeamController:
@@ -40,6 +50,9 @@ class BeamController:
         self._access: Optional[PlatformAccess] = None
         self._access_owner: Optional[int] = None
         self._nonfinite_loss_step: Optional[int] = None  # first step since the last reset with a NaN/Inf loss
+        self._stepped_ref = None  # weakref to the optimizer or engine last given to step()
+        for module in self.modules:
+            _controller_of_module[module] = weakref.ref(self)
 
     # ------------------------------------------------------------------------------------------ stepping
     def step(self, optimizer_or_engine, loss=None) -> Optional[dict]:
@@ -56,6 +69,9 @@ class BeamController:
         access = self._access_for(optimizer_or_engine)
         self.global_step += 1
         t, cfg = self.global_step, self.config
+        if t == cfg.total_steps + 1:
+            _log(logging.WARNING, "BeamLoRA: step %d is past total_steps=%d, where the schedule ended (no more "
+                 "resets). Set total_steps to the run's number of optimizer steps.", t, cfg.total_steps)
         if loss is not None and self._nonfinite_loss_step is None and not math.isfinite(float(loss)):
             self._nonfinite_loss_step = t
             _log(logging.WARNING, "BeamLoRA: non-finite loss (%s) at step %d; the next reset will be skipped",
@@ -82,7 +98,46 @@ class BeamController:
         if self._access is None or self._access_owner != id(optimizer_or_engine):
             self._access = make_access(self.modules, optimizer_or_engine)
             self._access_owner = id(optimizer_or_engine)
+            self._stepped_ref = _weak(optimizer_or_engine)
+            decayed = self._decayed_scores(self._access)
+            if decayed:
+                _log(logging.WARNING, "BeamLoRA: the optimizer applies weight decay to %d lora_score parameters "
+                     "(e.g. %s); the paper never decays the score. Build it from "
+                     "beamlora_ds.optimizer_param_groups(model, weight_decay).", len(decayed), decayed[0])
         return self._access
+
+    def decayed_scores(self, optimizer_or_engine) -> List[str]:
+        """Names of the modules whose `lora_score` the optimizer (or engine) applies weight decay to; [] is right."""
+        return self._decayed_scores(make_access(self.modules, optimizer_or_engine))
+
+    def _decayed_scores(self, access: PlatformAccess) -> List[str]:
+        return [name for name, decay in zip(self.module_names, access.score_weight_decays()) if decay]
+
+    def step_count_problem(self, optimizer_or_engine=None) -> Optional[str]:
+        """A message when `step()` was skipped or called extra times: this controller's step count differs from
+        the optimizer's own (`optimizer_or_engine`, else the one last given to step(), else a live torch optimizer
+        holding the scores). None when they agree or the optimizer keeps no count. Logged as a warning by
+        save_checkpoint and save_adapter."""
+        target = optimizer_or_engine if optimizer_or_engine is not None else (
+            self._stepped_ref() if self._stepped_ref is not None else None)
+        if target is None:  # step() was never called: find the optimizer it should have been given
+            holders = optimizers_holding(m.lora_score for m in self.modules)
+            target = holders[0] if len(holders) == 1 else None
+        steps = optimizer_steps(target, self.modules) if target is not None else None
+        if steps is None or steps == self.global_step:
+            return None
+        how = ("beam.step() was not called after some optimizer steps" if steps > self.global_step
+               else "beam.step() was called more often than the optimizer stepped")
+        return (f"BeamLoRA counted {self.global_step} optimizer steps, the optimizer counted {steps}: {how}. Call "
+                "beam.step(engine) (or beam.step(optimizer)) exactly once after every optimizer step, on every "
+                "process; snapshots and resets follow BeamLoRA's count, so they are now off by "
+                f"{abs(steps - self.global_step)} steps.")
+
+    def warn_if_step_count_differs(self, optimizer_or_engine=None) -> Optional[str]:
+        problem = self.step_count_problem(optimizer_or_engine)
+        if problem:
+            _log(logging.WARNING, "%s", problem)
+        return problem
 
     def _importance(self, stats: RankStats) -> torch.Tensor:
         if self.config.importance == "score":
@@ -179,6 +234,13 @@ def _log(level: int, message: str, *args) -> None:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         logger.log(level, message, *args)
+
+
+def _weak(obj):
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # an object that takes no weak references: keep none
+        return None
 
 
 def make_access(modules, optimizer_or_engine) -> PlatformAccess:

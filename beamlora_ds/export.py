@@ -18,6 +18,7 @@ from .access import unwrap_model
 from .adapter_format import (TENSOR_KEYS, AdapterState, base_model_name_of, shared_settings, target_modules_for,
                              task_type_of, write_adapter)
 from .atomic import out_dir_problem
+from .controller import controller_of
 from .inject import find_beamlora_modules
 from .zero_access import full_fp32_param
 
@@ -43,8 +44,12 @@ def save_adapter(model_or_engine, out_dir: str, base_model_name_or_path: Optiona
     are in place or raises when rank 0 could not write them. Returns `out_dir`.
     """
     model = unwrap_model(model_or_engine)
-    if not find_beamlora_modules(model):
+    modules = find_beamlora_modules(model)
+    if not modules:
         raise ValueError(NO_MODULES)
+    beam = controller_of(next(iter(modules.values())))
+    if beam is not None:  # a forgotten or extra beam.step() is told here, with the numbers
+        beam.warn_if_step_count_differs(model_or_engine if model_or_engine is not model else None)
     writer = ranks.rank() == 0
     problem = out_dir_problem(out_dir, overwrite) if writer else None
     if not ranks.rank0_verdict(problem is None):

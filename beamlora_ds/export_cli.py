@@ -17,11 +17,14 @@ logger = logging.getLogger(__name__)
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="beamlora-export",
-        description="Turn a BeamLoRA DeepSpeed checkpoint (any ZeRO stage, no GPUs or distributed job needed) into "
-                    "a stock PEFT LoRA adapter (score folded into A), or with --merge into a merged model.")
-    p.add_argument("checkpoint_dir", help="folder given to beamlora_ds.save_checkpoint (holds 'latest' and tags)")
+        description="Turn a BeamLoRA checkpoint (a DeepSpeed one of any ZeRO stage, or a HF Trainer run's; no GPUs or "
+                    "distributed job needed) into a stock PEFT LoRA adapter (score folded into A), or with --merge "
+                    "into a merged model.")
+    p.add_argument("checkpoint_dir", help="folder given to beamlora_ds.save_checkpoint (holds 'latest' and tags), or "
+                                          "a Trainer output_dir (its checkpoint-N folders) or one checkpoint-N")
     p.add_argument("out_dir", help="new folder for the adapter (or the merged model)")
-    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step100 (default: the 'latest' file)")
+    p.add_argument("--tag", default=None, help="checkpoint tag, e.g. global_step100 or checkpoint-100 (default: the 'latest' file; "
+                                                    "for a Trainer run the highest checkpoint-N)")
     p.add_argument("--merge", action="store_true", help="write a merged full model instead of an adapter")
     p.add_argument("--base_model", default=None,
                    help="base model path or name: needed by --merge; otherwise recorded in adapter_config.json")

@@ -5,30 +5,144 @@
     beamlora_ds.hf.attach(trainer, beam)
     trainer.train()        # or trainer.train(resume_from_checkpoint=True)
 
-The callback steps the controller once per real optimizer update (under accelerate + DeepSpeed the engine
-steps inside `backward`; steps the engine or the grad scaler skipped are not counted), saves the controller's
-state into every Trainer checkpoint folder, and restores it when the Trainer resumes from one.
+attach() makes the Trainer a BeamLoRA Trainer (its class gains BeamLoRATrainerMixin, so a subclass such as
+trl's SFTTrainer keeps its own behaviour): the score is never weight-decayed, `save_model` and every
+`checkpoint-N` hold the adapter only (a stock peft adapter plus our unfolded state; the frozen base is re-loaded
+from its source on resume), and a BeamLoRACallback steps the controller once per real optimizer update and saves
+and restores its state with each checkpoint. docs/integration.md has the whole recipe.
 """
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 
 import torch
 from transformers import TrainerCallback
 
+from . import ranks
+from .adapter_format import STATE_CONFIG, load_state
 from .checkpoint import STATE_FILE
 from .controller import BeamController
+from .export import save_adapter
+from .inject import find_beamlora_modules
 from .ranks import all_ranks_or_raise
+
+STAGING = ".beamlora_adapter.partial"  # inside the folder being saved; its files are moved up when complete
 
 
 def attach(trainer, beam: BeamController) -> "BeamLoRACallback":
-    """Add a BeamLoRACallback bound to `trainer` (it needs the trainer to find the DeepSpeed engine)."""
+    """Turn `trainer` into a BeamLoRA Trainer and add the callback that steps `beam`; returns the callback."""
+    check_processes_joined(trainer)
+    if not isinstance(trainer, BeamLoRATrainerMixin):
+        base = type(trainer)
+        trainer.__class__ = type(f"BeamLoRA{base.__name__}", (BeamLoRATrainerMixin, base), {})
+    model = trainer.model
+    if not getattr(model, "_beamlora_adapter_only_loads", False):
+        model.register_load_state_dict_post_hook(allow_adapter_only_state)
+        model._beamlora_adapter_only_loads = True
     callback = BeamLoRACallback(trainer, beam)
     trainer.add_callback(callback)
     return callback
 
 
+def check_processes_joined(trainer) -> None:
+    """The launcher started N processes but the Trainer sees one: each would train alone (DeepSpeed then fails
+    with "train_batch_size is not equal to ..."). Happens on a machine without CUDA unless told to use the CPU."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and trainer.args.world_size == 1:
+        raise RuntimeError(f"The launcher started {launched} processes, but the Trainer sees only this one, so each "
+                           "would train alone. On a machine without CUDA pass use_cpu=True to TrainingArguments (or "
+                           "call deepspeed.init_distributed(dist_backend='gloo') before creating them).")
+
+
+def allow_adapter_only_state(model, incompatible_keys) -> None:
+    """load_state_dict hook: a state dict that lacks exactly the frozen parameters is a complete BeamLoRA state
+    (checkpoints leave the base out; it is re-loaded from its source), so those keys are not reported missing.
+    Any other missing key still is, and a strict load still fails on it."""
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    if frozen and set(incompatible_keys.missing_keys) == frozen:
+        incompatible_keys.missing_keys.clear()
+
+
+class BeamLoRATrainerMixin:
+    """The Trainer methods BeamLoRA changes. attach() puts it in front of the trainer's class; subclass it
+    yourself (`class MyTrainer(BeamLoRATrainerMixin, Trainer)`) if you prefer that to attach()'s class change."""
+
+    def get_decay_parameter_names(self, model):
+        """The Trainer's choice minus every `lora_score`: the score re-weights ranks and is never decayed."""
+        return [name for name in super().get_decay_parameter_names(model) if not name.endswith("lora_score")]
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """The adapter, not the model: a stock peft adapter (score folded in) plus our unfolded state, written into
+        `output_dir` (other files there are kept). Under DeepSpeed call it on every process, as the Trainer does."""
+        output_dir = output_dir or self.args.output_dir
+        write_adapter_into(self.model_wrapped if self.is_deepspeed_enabled else self.model, output_dir)
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        """DeepSpeed's part of a checkpoint without the frozen base (adapter, its fp32 master and moments): the
+        Trainer's own save, with the engine's save_checkpoint told to exclude frozen parameters meanwhile."""
+        if not self.is_deepspeed_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        engine = self.model_wrapped
+        engine.save_checkpoint = functools.partial(type(engine).save_checkpoint, engine,
+                                                   exclude_frozen_parameters=True)
+        try:
+            super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            del engine.save_checkpoint  # the class's method again
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if os.path.isfile(os.path.join(resume_from_checkpoint, STATE_CONFIG)):
+            load_adapter_into(model if model is not None else self.model, resume_from_checkpoint)
+        else:  # a checkpoint written before attach() took over saving: the Trainer's own format
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        if not self.is_deepspeed_enabled and os.path.isfile(os.path.join(best, STATE_CONFIG)):
+            load_adapter_into(self.model, best)
+        else:
+            super()._load_best_model()
+
+
+def write_adapter_into(model_or_engine, folder: str) -> None:
+    """save_adapter into an existing folder: written complete into a staging subfolder, then each file moved into
+    place (a rename), so a reader sees the old adapter or the new one, never a half-written file."""
+    staging = os.path.join(folder, STAGING)
+    if ranks.rank() == 0 and os.path.lexists(staging):
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed half-way
+    ranks.barrier()
+    save_adapter(model_or_engine, staging)
+    if ranks.rank() == 0:
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(folder, name))
+        os.rmdir(staging)
+    ranks.barrier()
+
+
+@torch.no_grad()
+def load_adapter_into(model, folder: str) -> None:
+    """Put the unfolded A, B and score saved by save_model back into a model (no DeepSpeed: plain tensors)."""
+    state = load_state(folder)
+    modules = find_beamlora_modules(model)
+    if sorted(modules) != sorted(state.module_names):
+        raise ValueError(f"{folder} holds an adapter for {len(state.module_names)} modules, this model has "
+                         f"{len(modules)} BeamLoRA modules (or other names): resume with the same target_modules.")
+    for name, module in modules.items():
+        for key in ("lora_A", "lora_B", "lora_score"):
+            getattr(module, key).copy_(getattr(state, key)[name])
+
+
 class BeamLoRACallback(TrainerCallback):
+    """Steps the controller once per optimizer update; saves and restores its state with each checkpoint."""
+
     def __init__(self, trainer, beam: BeamController):
         self.trainer, self.beam = trainer, beam
 
@@ -43,6 +157,13 @@ class BeamLoRACallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._resume_checked = False
+        decayed = self.beam.decayed_scores(self._target())
+        if decayed:
+            raise ValueError(f"The Trainer's optimizer applies weight decay to {len(decayed)} lora_score parameters "
+                             f"(e.g. {decayed[0]}); BeamLoRA never decays the score. The optimizer came from "
+                             "outside the Trainer (`optimizers=` or the DeepSpeed config's `optimizer` section): "
+                             "build it from beamlora_ds.optimizer_param_groups(model, weight_decay), set that "
+                             "section's weight_decay to 0, or drop the section so the Trainer builds it.")
 
     def on_step_begin(self, args, state, control, **kwargs):
         if getattr(self, "_resume_checked", False):

@@ -9,6 +9,7 @@ from typing import Dict, Iterable, List, Tuple
 
 from torch import nn
 
+from .apply_checks import check_model_before_apply
 from .config import BeamLoRAConfig
 from .controller import BeamController
 from .layer import WRAPPABLE, BeamLoRALinear, base_features, is_wrappable
@@ -29,6 +30,7 @@ def apply(model: nn.Module, config: BeamLoRAConfig) -> BeamController:
     matches, a match is not a linear layer, or r does not fit a layer.
     """
     config.validate()
+    check_model_before_apply(model)  # an engine, a model an engine took over, an optimizer built too early
     if find_beamlora_modules(model):
         raise ValueError("This model already has BeamLoRA modules; apply() once per model.")
     matched = check_targets(model, config)

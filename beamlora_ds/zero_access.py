@@ -259,6 +259,24 @@ class ZeroAccess(PlatformAccess):
             for key in keys:
                 frags["lora_score"].write(positions, torch.zeros(module.r), key)
 
+    def score_weight_decays(self):
+        """Stage 1/2 link each parameter to its group (`param_group_index`); stage 3 keeps sub-groups whose fp32
+        partition sits in one of the base optimizer's groups."""
+        inner = getattr(self.optimizer, "optimizer", None)
+        groups = getattr(inner, "param_groups", None)
+        if not groups:
+            return [None] * len(self.modules)
+        if self.stage in (1, 2):
+            indices = [getattr(getattr(m.lora_score, "_hp_mapping", None), "param_group_index", None)
+                       for m in self.modules]
+            return [groups[i].get("weight_decay", 0.0) if i is not None and i < len(groups) else None for i in indices]
+        sub_groups = getattr(self.optimizer, "fp16_groups", [])
+        flats = getattr(self.optimizer, "fp32_partitioned_groups_flat", [])
+        decay_of_flat = {id(p): g.get("weight_decay", 0.0) for g in groups for p in g["params"]}
+        sub_group_of = {id(p): i for i, sub in enumerate(sub_groups) for p in sub}
+        indices = [sub_group_of.get(id(m.lora_score)) for m in self.modules]
+        return [decay_of_flat.get(id(flats[i])) if i is not None and i < len(flats) else None for i in indices]
+
     def all_processes_agree(self, checksum: float) -> bool:
         values = torch.tensor([checksum, -checksum], dtype=torch.float64)
         highest = self._all_reduce(values, op=self.dist.ReduceOp.MAX)

@@ -17,8 +17,10 @@ from beamlora_ds import data as data_lib, models  # noqa: E402
 from beamlora_ds.hf import attach  # noqa: E402
 
 
-def train(out: str, stop_at: int = 0, resume: bool = False, ds_stage: int = -1) -> dict:
-    """One Trainer run (in this process); returns, on every process, the reset history and the final adapter."""
+def train(out: str, stop_at: int = 0, resume: bool = False, ds_stage: int = -1, weight_decay: float = 0.1,
+          own_optimizer_decay: float = None) -> dict:
+    """One Trainer run (in this process); returns, on every process, the reset history, the final adapter and the
+    weight decay the Trainer's real optimizer applies to each adapter tensor (plain torch optimizer only)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     tokenizer = models.char_tokenizer()
@@ -44,12 +46,18 @@ def train(out: str, stop_at: int = 0, resume: bool = False, ds_stage: int = -1) 
                                       gradient_accumulation_steps=2, learning_rate=3e-3, save_steps=6,
                                       logging_steps=1, report_to=[], use_cpu=not torch.cuda.is_available(), seed=0,
                                       data_seed=0, deepspeed=ds, save_only_model=False, disable_tqdm=True,
-                                      lr_scheduler_type="cosine", warmup_steps=0)
+                                      lr_scheduler_type="cosine", warmup_steps=0,
+                                      weight_decay=weight_decay)
 
     def collate(batch):
         return data_lib.collate(batch, tokenizer.pad_token_id)
 
-    trainer = Trainer(model=model, args=training_args, train_dataset=examples, data_collator=collate)
+    optimizers = (None, None)
+    if own_optimizer_decay is not None:  # the user's own optimizer, every trainable tensor in one group
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizers = (torch.optim.AdamW(trainable, lr=3e-3, weight_decay=own_optimizer_decay), None)
+    trainer = Trainer(model=model, args=training_args, train_dataset=examples, data_collator=collate,
+                      optimizers=optimizers)
     attach(trainer, beam)
 
     class StopAt(TrainerCallback):
@@ -66,7 +74,24 @@ def train(out: str, stop_at: int = 0, resume: bool = False, ds_stage: int = -1) 
             full = full_fp32(param) if ds is not None else None
             weights[f"{name}.{key}"] = (full if full is not None else param.detach()).float().cpu().clone()
     return {"history": [(r["step"], sorted(map(tuple, r["pruned"]))) for r in beam.history],
-            "global_step": beam.global_step, "weights": weights, "process_index": trainer.args.process_index}
+            "global_step": beam.global_step, "weights": weights, "process_index": trainer.args.process_index,
+            "decay": optimizer_weight_decay(trainer, model)}
+
+
+def optimizer_weight_decay(trainer, model) -> dict:
+    """{parameter name: weight_decay of its group} read from the Trainer's torch optimizer (None under DeepSpeed,
+    whose flat groups are read through beamlora_ds instead)."""
+    if ds_enabled(trainer):
+        return None
+    optimizer = trainer.optimizer
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    group_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    return {name: group_of.get(id(p)) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def ds_enabled(trainer) -> bool:
+    return bool(getattr(trainer, "is_deepspeed_enabled", False))
 
 
 def main():

@@ -245,3 +245,53 @@ def test_next_events_and_state_dict_roundtrip():
     _, other, _ = make_run(total_steps=40)
     other.load_state_dict(state)
     assert other.global_step == 17
+
+
+# ------------------------------------------------------------------------------- misuse told with the numbers
+def test_a_decayed_score_is_warned_about_at_the_first_step(caplog):
+    """torch's AdamW decays by default (0.01): the paper never decays the score; optimizer_param_groups does not."""
+    batches = regression_batches(2)
+    for groups, expected in ((lambda m: [p for p in m.parameters() if p.requires_grad], 1),
+                             (lambda m: optimizer_param_groups(m, weight_decay=0.1), 0)):
+        torch.manual_seed(0)
+        model = TwoLayerNet()
+        beam = apply(model, BeamLoRAConfig(r=4, alpha=8.0, total_steps=40, interval=8))
+        opt = torch.optim.AdamW(groups(model), lr=1e-3)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="beamlora_ds.controller"):
+            for batch in batches:
+                train_step(model, opt, batch)
+                beam.step(opt)
+        said = [r.getMessage() for r in caplog.records if "weight decay" in r.getMessage()]
+        assert len(said) == expected, said
+        assert beam.decayed_scores(opt) == (beam.module_names if expected else [])
+
+
+def test_forgotten_and_extra_steps_are_told_at_save_adapter(tmp_path, caplog):
+    from beamlora_ds import save_adapter
+
+    model, beam, opt = make_run()
+    batches = regression_batches(5)
+    for batch in batches[:3]:
+        train_step(model, opt, batch)  # no beam.step: forgotten
+    assert beam.step_count_problem(opt).startswith("BeamLoRA counted 0 optimizer steps, the optimizer counted 3")
+    with caplog.at_level("WARNING", logger="beamlora_ds.controller"):
+        save_adapter(model, str(tmp_path / "a"))
+    assert "counted 0 optimizer steps, the optimizer counted 3" in caplog.text
+    for _ in range(4):
+        beam.step(opt)  # four calls for no new optimizer step: extra
+    assert "counted 4 optimizer steps, the optimizer counted 3" in beam.step_count_problem()
+    assert "more often" in beam.step_count_problem()
+    train_step(model, opt, batches[3])
+    assert beam.step_count_problem() is None  # 4 and 4 again
+
+
+def test_stepping_past_total_steps_is_warned_about_once(caplog):
+    model, beam, opt = make_run(total_steps=16, interval=8)
+    with caplog.at_level("WARNING", logger="beamlora_ds.controller"):
+        for batch in regression_batches(19):
+            train_step(model, opt, batch)
+            beam.step(opt)
+    said = [r.getMessage() for r in caplog.records if "past total_steps" in r.getMessage()]
+    assert said == ["BeamLoRA: step 17 is past total_steps=16, where the schedule ended (no more resets). Set "
+                    "total_steps to the run's number of optimizer steps."]

@@ -2,6 +2,7 @@
 resets at the right optimizer steps, and a run stopped at step 6 and resumed from the Trainer checkpoint ends
 with exactly the adapter of the run that never stopped. Here in this process, without DeepSpeed; the ZeRO-3 form
 (the same three runs, each a 2-process launch) is in tests/distributed/test_hf_zero.py."""
+import glob
 import os
 
 import pytest
@@ -41,6 +42,7 @@ def check_resume_is_exact(tmp_path, ds_stage=-1, deepspeed_procs=0):
     assert len(full["history"][0][1]) > 0
     assert stopped["global_step"] == 6
     assert os.path.isfile(os.path.join(part_dir, "checkpoint-6", "beamlora_state_rank0.pt"))
+    check_checkpoint_is_adapter_sized(os.path.join(part_dir, "checkpoint-6"))
     assert resumed["global_step"] == 12 and resumed["history"] == full["history"]
     for name, value in full["weights"].items():
         assert torch.allclose(resumed["weights"][name], value, rtol=1e-6, atol=1e-7), name
@@ -48,3 +50,94 @@ def check_resume_is_exact(tmp_path, ds_stage=-1, deepspeed_procs=0):
 
 def test_trainer_resets_and_resumes_exactly(tmp_path):
     check_resume_is_exact(tmp_path)
+
+
+def folder_bytes(folder):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+def check_checkpoint_is_adapter_sized(checkpoint):
+    """A Trainer checkpoint holds what is trainable plus our state, never the frozen base: no model file, no frozen
+    tensor in DeepSpeed's module states, and bytes that scale with the adapter's (folded and unfolded copies, fp32
+    master and two Adam moments, the snapshot's A, B and moments, ~100 KB of small files), not with the base's."""
+    names = os.listdir(checkpoint)
+    assert "model.safetensors" not in names and "pytorch_model.bin" not in names, names
+    for states in glob.glob(os.path.join(checkpoint, "global_step*", "*model_states.pt")):
+        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+        frozen = [k for k in module if "lora_" not in k and k.endswith(".weight")]
+        assert not frozen, f"{states} holds frozen base tensors: {frozen[:3]}"
+    adapter = os.path.getsize(os.path.join(checkpoint, "adapter_model.safetensors"))
+    assert folder_bytes(checkpoint) < 12 * adapter + 120_000, (folder_bytes(checkpoint), adapter, sorted(names))
+
+
+def test_trainer_never_decays_the_score(tmp_path):
+    """weight_decay=0.1 in TrainingArguments: the Trainer's own optimizer decays A and B, never a lora_score."""
+    import hf_worker
+
+    decay = hf_worker.train(str(tmp_path / "run"), weight_decay=0.1)["decay"]
+    scores = {n: d for n, d in decay.items() if n.endswith("lora_score")}
+    assert scores and set(scores.values()) == {0.0}, scores
+    assert {d for n, d in decay.items() if n.endswith(("lora_A", "lora_B"))} == {0.1}
+
+
+def test_beamlora_export_reads_trainer_checkpoints(tmp_path):
+    """beamlora-export on a Trainer output_dir (its highest checkpoint-N) and on one checkpoint-N: stock peft loads
+    the result onto a fresh base and reproduces the logits of the BeamLoRA model holding the run's final weights."""
+    import hf_worker
+    from peft import PeftModel
+
+    import beamlora_ds
+    from beamlora_ds import export_cli, models
+
+    run = str(tmp_path / "run")
+    result = hf_worker.train(run, weight_decay=0.0)
+    assert sorted(os.listdir(run)) == ["checkpoint-12", "checkpoint-6"]
+    assert export_cli.main([run, str(tmp_path / "latest")]) == 0
+    assert export_cli.main([run, str(tmp_path / "six"), "--tag", "checkpoint-6"]) == 0
+    assert export_cli.main([os.path.join(run, "checkpoint-6"), str(tmp_path / "six_direct")]) == 0
+    assert export_cli.main([run, str(tmp_path / "nope"), "--tag", "checkpoint-7"]) == 2
+
+    model = models.load_model(models.BUILTIN_TINY, torch.float32, {})
+    beam = beamlora_ds.apply(model, beamlora_ds.BeamLoRAConfig(r=4, alpha=8.0, dropout=0.05, interval=4,
+                                                               total_steps=12, p0=0.7))
+    with torch.no_grad():
+        for name, value in result["weights"].items():
+            model.get_parameter(name).copy_(value)
+    model.eval()
+    ids = torch.randint(3, 60, (2, 10), generator=torch.Generator().manual_seed(0))
+    expected = model(input_ids=ids).logits
+    peft_model = PeftModel.from_pretrained(models.load_model(models.BUILTIN_TINY, torch.float32, {}),
+                                           str(tmp_path / "latest")).eval()
+    assert torch.allclose(peft_model(input_ids=ids).logits, expected, atol=1e-5)
+    assert beam.global_step == 0  # the controller was only needed to build the model
+
+    from safetensors.torch import load_file
+    six, direct = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("six", "six_direct"))
+    latest = load_file(str(tmp_path / "latest" / "adapter_model.safetensors"))
+    assert six.keys() == latest.keys() and all(torch.equal(six[k], direct[k]) for k in six)
+    assert any(not torch.equal(six[k], latest[k]) for k in six)  # step 6 is not step 12
+
+
+def test_an_own_optimizer_that_decays_the_score_is_refused_before_the_first_step(tmp_path):
+    import hf_worker
+
+    with pytest.raises(ValueError, match="never decays the score.*optimizer_param_groups"):
+        hf_worker.train(str(tmp_path / "run"), own_optimizer_decay=0.01)
+    assert not os.path.exists(tmp_path / "run" / "checkpoint-6")
+
+
+def test_processes_the_trainer_does_not_see_are_refused_with_the_fix(monkeypatch):
+    """`deepspeed --num_gpus 2` on a machine without CUDA and without use_cpu=True: accelerate sees one process,
+    so each would train alone (DeepSpeed's batch-size assertion was what users saw)."""
+    from transformers import TrainingArguments
+
+    from beamlora_ds.hf import check_processes_joined
+
+    class Stub:  # only args is read
+        args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what the launcher sets in each process
+    with pytest.raises(RuntimeError, match="started 2 processes.*use_cpu=True"):
+        check_processes_joined(Stub())
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_processes_joined(Stub())
