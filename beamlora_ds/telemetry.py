@@ -87,6 +87,7 @@ def log_reset(log_path: str, record: Optional[dict]) -> bool:
         raise ValueError(f"{log_path} is a folder; pass the log file, e.g. {os.path.join(log_path, 'log.jsonl')}")
     if not is_log_writer():
         return False
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     with open(log_path, "a") as f:
         f.write(line + "\n")
     return True

@@ -18,7 +18,7 @@ from beamlora_ds.hf import attach  # noqa: E402
 
 
 def train(out: str, stop_at: int = 0, resume: bool = False, ds_stage: int = -1, weight_decay: float = 0.1,
-          own_optimizer_decay: float = None) -> dict:
+          own_optimizer_decay: float = None, best_at_end: bool = False) -> dict:
     """One Trainer run (in this process); returns, on every process, the reset history, the final adapter and the
     weight decay the Trainer's real optimizer applies to each adapter tensor (plain torch optimizer only)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -47,7 +47,10 @@ def train(out: str, stop_at: int = 0, resume: bool = False, ds_stage: int = -1, 
                                       logging_steps=1, report_to=[], use_cpu=not torch.cuda.is_available(), seed=0,
                                       data_seed=0, deepspeed=ds, save_only_model=False, disable_tqdm=True,
                                       lr_scheduler_type="cosine", warmup_steps=0,
-                                      weight_decay=weight_decay)
+                                      weight_decay=weight_decay,
+                                      **(dict(eval_strategy="steps", eval_steps=6, load_best_model_at_end=True,
+                                              metric_for_best_model="loss", greater_is_better=True)
+                                         if best_at_end else {}))
 
     def collate(batch):
         return data_lib.collate(batch, tokenizer.pad_token_id)
@@ -57,7 +60,7 @@ def train(out: str, stop_at: int = 0, resume: bool = False, ds_stage: int = -1, 
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizers = (torch.optim.AdamW(trainable, lr=3e-3, weight_decay=own_optimizer_decay), None)
     trainer = Trainer(model=model, args=training_args, train_dataset=examples, data_collator=collate,
-                      optimizers=optimizers)
+                      optimizers=optimizers, eval_dataset=examples[:16] if best_at_end else None)
     attach(trainer, beam)
 
     class StopAt(TrainerCallback):
@@ -75,7 +78,7 @@ def train(out: str, stop_at: int = 0, resume: bool = False, ds_stage: int = -1, 
             weights[f"{name}.{key}"] = (full if full is not None else param.detach()).float().cpu().clone()
     return {"history": [(r["step"], sorted(map(tuple, r["pruned"]))) for r in beam.history],
             "global_step": beam.global_step, "weights": weights, "process_index": trainer.args.process_index,
-            "decay": optimizer_weight_decay(trainer, model)}
+            "decay": optimizer_weight_decay(trainer, model), "best": trainer.state.best_model_checkpoint}
 
 
 def optimizer_weight_decay(trainer, model) -> dict:

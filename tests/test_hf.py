@@ -141,3 +141,17 @@ def test_processes_the_trainer_does_not_see_are_refused_with_the_fix(monkeypatch
         check_processes_joined(Stub())
     monkeypatch.setenv("WORLD_SIZE", "1")
     check_processes_joined(Stub())
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
+    """greater_is_better=True on the loss makes the first evaluated checkpoint (step 6) the best, so the model at
+    the end must hold step 6's adapter, not step 12's."""
+    import hf_worker
+    from safetensors.torch import load_file
+
+    result = hf_worker.train(str(tmp_path / "run"), best_at_end=True)
+    assert result["best"].endswith("checkpoint-6")
+    saved = load_file(os.path.join(result["best"], "beamlora_state.safetensors"))
+    assert saved.keys() == result["weights"].keys()
+    for name, value in saved.items():
+        assert torch.equal(result["weights"][name], value), name

@@ -1,0 +1,69 @@
+"""The two complete scripts docs/integration.md shows, run as a user would: examples/train_deepspeed.py under
+`deepspeed --num_gpus 2` (ZeRO-2; a run stopped between a snapshot and its reset and resumed ends with the
+adapter of the run that never stopped) and examples/train_trainer.py; both adapters load in stock peft."""
+import os
+import sys
+
+import pytest
+import torch
+
+from beamlora_ds import testing
+
+pytest.importorskip("deepspeed")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_ds_example(out, *extra):
+    cmd = testing.deepspeed_command(os.path.join(ROOT, "examples", "train_deepspeed.py"),
+                                    ["--out", out, "--steps", 16, "--interval", 4, "--save_every", 4, *extra], 2)
+    proc = testing.run(cmd, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def tiny_base():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def loads_in_stock_peft(folder):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(tiny_base(), folder).eval()
+    ids = torch.arange(16)[None] % 64
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, tiny_base()(input_ids=ids).logits)
+
+
+def test_deepspeed_example_trains_resets_and_resumes_exactly(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    said = run_ds_example(full)
+    assert said.count("reset moved") == 3 and "done: 16 steps, 3 resets" in said  # resets at 4, 8, 12
+    run_ds_example(part, "--stop_at", 10)  # snapshot at 10, its reset at 12
+    resumed = run_ds_example(part, "--resume")
+    assert "done: 16 steps, 3 resets" in resumed
+    expected, got = adapter_tensors(os.path.join(full, "adapter")), adapter_tensors(os.path.join(part, "adapter"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.allclose(got[key], expected[key], rtol=1e-5, atol=1e-7), key
+    assert os.path.getsize(os.path.join(full, "log.jsonl")) > 0
+    loads_in_stock_peft(os.path.join(full, "adapter"))
+
+
+def test_trainer_example_writes_an_adapter_stock_peft_loads(tmp_path):
+    out = str(tmp_path / "hf")
+    proc = testing.run([sys.executable, os.path.join(ROOT, "examples", "train_trainer.py"), "--out", out,
+                        "--steps", 12, "--interval", 4], timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "done: 12 steps, 2 resets" in proc.stdout
+    assert "model.safetensors" not in os.listdir(os.path.join(out, "checkpoint-12"))
+    loads_in_stock_peft(os.path.join(out, "adapter"))
