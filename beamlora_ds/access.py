@@ -79,8 +79,10 @@ def unwrap_model(model_or_engine) -> torch.nn.Module:
 
 
 def is_deepspeed_optimizer(obj) -> bool:
-    """A DeepSpeed wrapper optimizer (ZeRO, FP16/BF16): what `engine.optimizer` is under ZeRO 1-3 or mixed precision."""
-    return type(obj).__module__.split(".")[0] == "deepspeed"
+    """A DeepSpeed wrapper optimizer (ZeRO, FP16/BF16, from `deepspeed.runtime`): what `engine.optimizer` is under
+    ZeRO 1-3 or mixed precision. DeepSpeed's own torch optimizers (FusedAdam, DeepSpeedCPUAdam in `deepspeed.ops`)
+    are plain optimizers: under ZeRO-0 fp32 the engine steps one directly."""
+    return type(obj).__module__.startswith("deepspeed.runtime")
 
 
 def deepspeed_managed(param: torch.Tensor) -> bool:

@@ -45,5 +45,6 @@ def _taken_by_engine(param: torch.Tensor) -> bool:
 def optimizers_holding(parameters) -> list:
     """Live torch optimizers that hold any of `parameters` (one pass over the tracked objects, ~50 ms)."""
     ids = {id(p) for p in parameters}
-    return [obj for obj in gc.get_objects() if isinstance(obj, torch.optim.Optimizer)
+    # issubclass(type(...)): isinstance would ask each object for __class__, and some deprecated torch objects warn
+    return [obj for obj in gc.get_objects() if issubclass(type(obj), torch.optim.Optimizer)
             and any(id(p) in ids for group in obj.param_groups for p in group["params"])]

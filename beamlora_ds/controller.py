@@ -108,7 +108,7 @@ class BeamController:
 
     def decayed_scores(self, optimizer_or_engine) -> List[str]:
         """Names of the modules whose `lora_score` the optimizer (or engine) applies weight decay to; [] is right."""
-        return self._decayed_scores(make_access(self.modules, optimizer_or_engine))
+        return self._decayed_scores(self._access_for(optimizer_or_engine))
 
     def _decayed_scores(self, access: PlatformAccess) -> List[str]:
         return [name for name, decay in zip(self.module_names, access.score_weight_decays()) if decay]

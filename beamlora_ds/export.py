@@ -59,8 +59,8 @@ def save_adapter(model_or_engine, out_dir: str, base_model_name_or_path: Optiona
     error = None
     if writer:
         try:
-            write_adapter(state, out_dir, target_modules_for(model, state.module_names), task_type_of(model),
-                          base_model_name_or_path or base_model_name_of(model), overwrite)
+            targets, task_type, base = adapter_metadata(model, state)
+            write_adapter(state, out_dir, targets, task_type, base_model_name_or_path or base, overwrite)
             logger.info("Wrote a peft LoRA adapter (%d modules, r=%d, score folded into A) to %s",
                         len(state.module_names), state.r, out_dir)
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other processes
@@ -70,6 +70,13 @@ def save_adapter(model_or_engine, out_dir: str, base_model_name_or_path: Optiona
             raise error
         raise RuntimeError(f"Process 0 failed to write the adapter to {out_dir!r} (see its error).")
     return out_dir
+
+
+def adapter_metadata(model_or_engine, state: Optional[AdapterState] = None):
+    """(target_modules, task_type, base_model_name_or_path) for the adapter_config.json of this model's adapter."""
+    model = unwrap_model(model_or_engine)
+    names = state.module_names if state is not None else list(find_beamlora_modules(model))
+    return target_modules_for(model, names), task_type_of(model), base_model_name_of(model)
 
 
 def adapter_state_from_model(model: nn.Module) -> AdapterState:

@@ -24,7 +24,8 @@ from . import ranks
 from .adapter_format import STATE_CONFIG, load_state
 from .checkpoint import STATE_FILE
 from .controller import BeamController
-from .export import save_adapter
+from .adapter_format import write_adapter
+from .export import adapter_metadata, adapter_state_from_model, save_adapter
 from .inject import find_beamlora_modules
 from .ranks import all_ranks_or_raise
 
@@ -57,11 +58,14 @@ def check_processes_joined(trainer) -> None:
 
 
 def allow_adapter_only_state(model, incompatible_keys) -> None:
-    """load_state_dict hook: a state dict that lacks exactly the frozen parameters is a complete BeamLoRA state
-    (checkpoints leave the base out; it is re-loaded from its source), so those keys are not reported missing.
-    Any other missing key still is, and a strict load still fails on it."""
+    """load_state_dict hook: a state dict that lacks only frozen parameters (and has every trainable one) is a
+    complete BeamLoRA state (checkpoints leave the base out; it is re-loaded from its source), so those keys are
+    not reported missing. A missing trainable key still is, and a strict load still fails on it. "Only some frozen
+    keys": DeepSpeed leaves out each frozen tensor once, so a tied output embedding stays in under its other name.
+    """
     frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    if frozen and set(incompatible_keys.missing_keys) == frozen:
+    missing = set(incompatible_keys.missing_keys)
+    if missing and missing <= frozen:
         incompatible_keys.missing_keys.clear()
 
 
@@ -73,17 +77,26 @@ class BeamLoRATrainerMixin:
         """The Trainer's choice minus every `lora_score`: the score re-weights ranks and is never decayed."""
         return [name for name in super().get_decay_parameter_names(model) if not name.endswith("lora_score")]
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self._beamlora_resume_from = resume_from_checkpoint  # the callback reads BeamLoRA's state from there
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def save_model(self, output_dir=None, _internal_call=False):
         """The adapter, not the model: a stock peft adapter (score folded in) plus our unfolded state, written into
-        `output_dir` (other files there are kept). Under DeepSpeed call it on every process, as the Trainer does."""
+        `output_dir` (other files there are kept). Under DeepSpeed call it on every process (the adapter is
+        gathered), as the Trainer does; otherwise process 0 writes and the others return, as the stock Trainer."""
         output_dir = output_dir or self.args.output_dir
-        write_adapter_into(self.model_wrapped if self.is_deepspeed_enabled else self.model, output_dir)
+        if self.is_deepspeed_enabled:
+            write_adapter_into(self.model_wrapped, output_dir)
+        elif self.args.should_save:
+            write_adapter_into(self.model, output_dir, collective=False)
         if self.args.should_save:
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
+            tokenizer = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         if self.args.push_to_hub and not _internal_call:
-            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            self.push_to_hub(commit_message="Model save", revision=getattr(self.args, "hub_revision", None))
 
     def _save_optimizer_and_scheduler(self, output_dir):
         """DeepSpeed's part of a checkpoint without the frozen base (adapter, its fp32 master and moments): the
@@ -112,19 +125,25 @@ class BeamLoRATrainerMixin:
             super()._load_best_model()
 
 
-def write_adapter_into(model_or_engine, folder: str) -> None:
+def write_adapter_into(model_or_engine, folder: str, collective: bool = True) -> None:
     """save_adapter into an existing folder: written complete into a staging subfolder, then each file moved into
-    place (a rename), so a reader sees the old adapter or the new one, never a half-written file."""
+    place (a rename), so a reader sees the old adapter or the new one, never a half-written file. `collective`:
+    every DeepSpeed process calls it (ZeRO gathers); else only the writing process does, and nothing waits."""
     staging = os.path.join(folder, STAGING)
-    if ranks.rank() == 0 and os.path.lexists(staging):
+    writer = not collective or ranks.rank() == 0
+    if writer and os.path.lexists(staging):
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed half-way
-    ranks.barrier()
-    save_adapter(model_or_engine, staging)
-    if ranks.rank() == 0:
+    if collective:
+        ranks.barrier()
+        save_adapter(model_or_engine, staging)
+    else:
+        write_adapter(adapter_state_from_model(model_or_engine), staging, *adapter_metadata(model_or_engine))
+    if writer:
         for name in sorted(os.listdir(staging)):
             os.replace(os.path.join(staging, name), os.path.join(folder, name))
         os.rmdir(staging)
-    ranks.barrier()
+    if collective:
+        ranks.barrier()
 
 
 @torch.no_grad()
@@ -170,7 +189,9 @@ class BeamLoRACallback(TrainerCallback):
             return
         self._resume_checked = True  # only the first step of a train() call can follow a resume
         if state.global_step > 0 and self.beam.global_step != state.global_step:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            resumed_from = getattr(self.trainer, "_beamlora_resume_from", None)
+            folder = resumed_from if isinstance(resumed_from, str) else \
+                os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             path = os.path.join(folder, STATE_FILE.format(rank=self._rank()))
             all_ranks_or_raise(os.path.isfile(path), f"The Trainer resumed at step {state.global_step} but {path} "
                                "is missing on some process: BeamLoRACallback saves BeamLoRA's state (snapshot, step "

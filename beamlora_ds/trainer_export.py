@@ -22,7 +22,10 @@ def trainer_adapter_folder(path: str, tag: Optional[str]) -> Optional[str]:
     """The adapter folder to export when `path` is a Trainer checkpoint (or save_model) folder, or a Trainer
     output_dir holding checkpoint-N folders (`tag` picks one, default the highest N); None for anything else
     (a DeepSpeed checkpoint folder is handled by checkpoint_export)."""
-    if is_adapter_folder(path) and not tag:
+    if is_adapter_folder(path):
+        if tag:
+            raise FileNotFoundError(f"{path!r} is one Trainer checkpoint (it holds the adapter): drop --tag {tag}, or "
+                                    "pass the run's output_dir with --tag checkpoint-N.")
         return path
     if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "latest")):
         return None

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from . import ranks
 from .access import PlatformAccess, RankStats
 from .beam import ModuleReset
 from .layer import BeamLoRALinear
@@ -260,22 +261,22 @@ class ZeroAccess(PlatformAccess):
                 frags["lora_score"].write(positions, torch.zeros(module.r), key)
 
     def score_weight_decays(self):
-        """Stage 1/2 link each parameter to its group (`param_group_index`); stage 3 keeps sub-groups whose fp32
-        partition sits in one of the base optimizer's groups."""
+        """From DeepSpeed's own grouping of the trainable parameters, the same on every process: stage 1/2 keep
+        `bit16_groups` aligned with the base optimizer's groups; stage 3 keeps sub-groups (`fp16_groups`) and the
+        group each came from (`sub_group_to_group_id`). The base optimizer's groups keep their settings even while
+        stage 3 empties their parameter lists between steps."""
         inner = getattr(self.optimizer, "optimizer", None)
         groups = getattr(inner, "param_groups", None)
         if not groups:
             return [None] * len(self.modules)
         if self.stage in (1, 2):
-            indices = [getattr(getattr(m.lora_score, "_hp_mapping", None), "param_group_index", None)
-                       for m in self.modules]
-            return [groups[i].get("weight_decay", 0.0) if i is not None and i < len(groups) else None for i in indices]
-        sub_groups = getattr(self.optimizer, "fp16_groups", [])
-        flats = getattr(self.optimizer, "fp32_partitioned_groups_flat", [])
-        decay_of_flat = {id(p): g.get("weight_decay", 0.0) for g in groups for p in g["params"]}
-        sub_group_of = {id(p): i for i, sub in enumerate(sub_groups) for p in sub}
-        indices = [sub_group_of.get(id(m.lora_score)) for m in self.modules]
-        return [decay_of_flat.get(id(flats[i])) if i is not None and i < len(flats) else None for i in indices]
+            group_of = {id(p): i for i, group in enumerate(getattr(self.optimizer, "bit16_groups", [])) for p in group}
+        else:
+            to_group = getattr(self.optimizer, "sub_group_to_group_id", {})
+            group_of = {id(p): to_group.get(i) for i, sub in enumerate(getattr(self.optimizer, "fp16_groups", []))
+                        for p in sub}
+        indices = [group_of.get(id(m.lora_score)) for m in self.modules]
+        return [groups[i].get("weight_decay", 0.0) if i is not None and i < len(groups) else None for i in indices]
 
     def all_processes_agree(self, checksum: float) -> bool:
         values = torch.tensor([checksum, -checksum], dtype=torch.float64)
@@ -292,7 +293,7 @@ def warn_if_adapters_not_persistent(modules: Sequence[BeamLoRALinear], engine) -
     """Partitioned adapter tensors are all-gathered by every forward and backward: say so, with the fix."""
     params = [p for m in modules for p in (m.lora_A, m.lora_B, m.lora_score)]
     gathered = [p for p in params if not getattr(p, "ds_persist", True)]
-    if gathered:
+    if gathered and ranks.rank() == 0:  # the same on every process: one line, not one per GPU
         elements = sum(p.ds_numel for p in params)
         logger.warning(
             "%d of %d BeamLoRA tensors are partitioned under ZeRO-3, so every forward and backward all-gathers them "

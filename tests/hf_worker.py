@@ -69,7 +69,7 @@ def train(out: str, stop_at: int = 0, resume: bool = False, ds_stage: int = -1, 
                 control.should_training_stop = True
 
     trainer.add_callback(StopAt())
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.train(resume_from_checkpoint=resume if isinstance(resume, str) else (True if resume else None))
     weights = {}
     for name, m in zip(beam.module_names, beam.modules):
         for key in ("lora_A", "lora_B", "lora_score"):

@@ -57,17 +57,43 @@ def folder_bytes(folder):
 
 
 def check_checkpoint_is_adapter_sized(checkpoint):
-    """A Trainer checkpoint holds what is trainable plus our state, never the frozen base: no model file, no frozen
-    tensor in DeepSpeed's module states, and bytes that scale with the adapter's (folded and unfolded copies, fp32
-    master and two Adam moments, the snapshot's A, B and moments, ~100 KB of small files), not with the base's."""
+    """A Trainer checkpoint holds what is trainable plus our state, never the frozen base: no model file, and no
+    tensor anywhere in it (DeepSpeed's module states and shards, optimizer, our state) shaped like a base weight.
+    On this tiny model the adapter is a tenth of the base, so bytes alone could not tell; shapes can (every base
+    weight here is 32-172 x 64-172, every adapter tensor has a side of r = 4; flat ZeRO shards are 1-D)."""
+    from safetensors import safe_open
+
+    from beamlora_ds import models
+
     names = os.listdir(checkpoint)
     assert "model.safetensors" not in names and "pytorch_model.bin" not in names, names
-    for states in glob.glob(os.path.join(checkpoint, "global_step*", "*model_states.pt")):
-        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
-        frozen = [k for k in module if "lora_" not in k and k.endswith(".weight")]
-        assert not frozen, f"{states} holds frozen base tensors: {frozen[:3]}"
+    base_shapes = {tuple(p.shape) for p in models.load_model(models.BUILTIN_TINY, torch.float32, {}).parameters()
+                   if p.dim() == 2}
+    for path in glob.glob(os.path.join(checkpoint, "**", "*"), recursive=True):
+        if path.endswith(".safetensors"):
+            with safe_open(path, "pt") as f:
+                shapes = [tuple(f.get_slice(k).get_shape()) for k in f.keys()]
+        elif path.endswith((".pt", ".pth", ".bin")):
+            shapes = [tuple(t.shape) for t in tensors_in(torch.load(path, map_location="cpu", weights_only=False))]
+        else:
+            continue
+        leaked = [shape for shape in shapes if shape in base_shapes]
+        assert not leaked, f"{path} holds base-shaped tensors {leaked[:3]}"
+    # and in bytes: ~12x the adapter file (folded + unfolded copies, fp32 master and two moments, the snapshot's
+    # shards, ~100 KB of small files) measures 0.3-0.5 MB here; one copy of the base would add 0.4 MB
     adapter = os.path.getsize(os.path.join(checkpoint, "adapter_model.safetensors"))
     assert folder_bytes(checkpoint) < 12 * adapter + 120_000, (folder_bytes(checkpoint), adapter, sorted(names))
+
+
+def tensors_in(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from tensors_in(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from tensors_in(value)
 
 
 def test_trainer_never_decays_the_score(tmp_path):
@@ -155,3 +181,69 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
     assert saved.keys() == result["weights"].keys()
     for name, value in saved.items():
         assert torch.equal(result["weights"][name], value), name
+
+
+def test_resume_from_a_checkpoint_in_another_folder(tmp_path):
+    """resume_from_checkpoint=<path> to a copied checkpoint, output_dir elsewhere: the adapter and BeamLoRA's state
+    both come from that path, and the run ends as the one that never stopped."""
+    import shutil
+
+    import hf_worker
+
+    full = hf_worker.train(str(tmp_path / "full"))
+    hf_worker.train(str(tmp_path / "part"), stop_at=6)
+    moved = str(tmp_path / "elsewhere" / "ckpt")
+    shutil.copytree(str(tmp_path / "part" / "checkpoint-6"), moved)
+    resumed = hf_worker.train(str(tmp_path / "new_out"), resume=moved)
+    assert resumed["history"] == full["history"]
+    for name, value in full["weights"].items():
+        assert torch.allclose(resumed["weights"][name], value, rtol=1e-6, atol=1e-7), name
+
+
+def test_adapter_only_states_load_strictly_and_nothing_else_does():
+    """The hook attach() registers: a state missing only frozen tensors (all of them, or all but a tied output
+    embedding, which DeepSpeed keeps under its second name) loads strictly; a missing adapter tensor still fails."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import beamlora_ds
+    from beamlora_ds.hf import allow_adapter_only_state
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    beamlora_ds.apply(model, beamlora_ds.BeamLoRAConfig(r=2, alpha=4.0, total_steps=8, interval=4))
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict(trainable)  # without the hook: refused
+    model.register_load_state_dict_post_hook(allow_adapter_only_state)
+    model.load_state_dict(trainable)
+    model.load_state_dict({**trainable, "lm_head.weight": model.lm_head.weight.detach().clone()})
+    first = next(iter(trainable))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict({k: v for k, v in trainable.items() if k != first})
+
+
+def test_the_trainer_methods_beamlora_overrides_still_exist_with_their_signatures():
+    """BeamLoRATrainerMixin overrides some private Trainer methods: a transformers release that renames or
+    reshapes them must fail here, not silently save whole models again."""
+    import inspect
+
+    from transformers import Trainer
+
+    from beamlora_ds.hf import BeamLoRATrainerMixin
+
+    for name in ("get_decay_parameter_names", "save_model", "train", "_save_optimizer_and_scheduler",
+                 "_load_from_checkpoint", "_load_best_model"):
+        ours = list(inspect.signature(getattr(BeamLoRATrainerMixin, name)).parameters)
+        theirs = list(inspect.signature(getattr(Trainer, name)).parameters)
+        assert theirs[:len(ours) - ("args" in ours) - ("kwargs" in ours)] == \
+            [p for p in ours if p not in ("args", "kwargs")], (name, ours, theirs)
+
+
+def test_export_of_one_trainer_checkpoint_with_a_tag_is_refused_clearly(tmp_path, caplog):
+    import hf_worker
+
+    from beamlora_ds import export_cli
+
+    hf_worker.train(str(tmp_path / "run"))
+    assert export_cli.main([str(tmp_path / "run" / "checkpoint-6"), str(tmp_path / "x"), "--tag", "global_step6"]) == 2
+    assert "is one Trainer checkpoint" in caplog.text and "drop --tag global_step6" in caplog.text

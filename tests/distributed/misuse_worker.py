@@ -1,7 +1,8 @@
-"""The usual mistakes around deepspeed.initialize, each on a real one-process DeepSpeed engine (CPU, gloo); what
-BeamLoRA said about each goes to OUT as JSON: {case: {"raised": type, "message": str, "warnings": [str]}}.
+"""The usual mistakes around deepspeed.initialize, each on a real DeepSpeed engine (CPU, gloo, 2 processes); what
+BeamLoRA said about each goes to OUT/misuse_rank{R}.json: {case: {"raised": type, "message": str, "warnings": [str],
+"value": ...}}.
 
-    python tests/distributed/misuse_worker.py OUT     (with RANK/WORLD_SIZE/MASTER_* set: testing.single_process_env)
+    deepspeed --num_gpus 2 tests/distributed/misuse_worker.py OUT
 """
 import datetime
 import json
@@ -54,12 +55,38 @@ def apply_after_initialize(stage):
     return case
 
 
-def build(stage=2):
+def build(stage=2, groups=None, config_optimizer=None):
     model = fresh()
     beam = beamlora_ds.apply(model, beamlora_ds.BeamLoRAConfig(**CONFIG))
-    optimizer = torch.optim.AdamW(beamlora_ds.optimizer_param_groups(model), lr=1e-3)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage))
+    config = ds_config(stage)
+    if config_optimizer:  # DeepSpeed builds the optimizer from its config
+        config["optimizer"] = config_optimizer
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                         if p.requires_grad], config=config)
+        return model, beam, None, engine
+    params = (groups or beamlora_ds.optimizer_param_groups)(model)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return model, beam, optimizer, engine
+
+
+def decayed_scores(stage, decay_scores):
+    """How many scores the engine's real optimizer decays: every one (one group, weight_decay 0.1), or none."""
+    def case(out):
+        groups = (lambda m: [p for p in m.parameters() if p.requires_grad]) if decay_scores else \
+            (lambda m: beamlora_ds.optimizer_param_groups(m, weight_decay=0.1))
+        _, beam, _, engine = build(stage, groups)
+        return len(beam.decayed_scores(engine))
+    return case
+
+
+def zero0_with_config_optimizer(out):
+    """ZeRO-0 fp32 with the DeepSpeed config's optimizer section: the engine steps DeepSpeed's own torch optimizer."""
+    _, beam, _, engine = build(0, config_optimizer={"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.0}})
+    for _ in range(2):
+        engine_step(engine)
+        beam.step(engine)
+    return type(engine.optimizer).__name__
 
 
 def apply_to_engine(out):
@@ -100,7 +127,9 @@ CASES = {"optimizer_before_apply": optimizer_before_apply, "apply_after_initiali
          "apply_after_initialize_zero3": apply_after_initialize(3), "apply_to_engine": apply_to_engine,
          "step_with_engine_optimizer": step_with_engine_optimizer,
          "step_with_client_optimizer": step_with_client_optimizer, "forgotten_steps": forgotten_steps,
-         "extra_steps": extra_steps}
+         "extra_steps": extra_steps, "decayed_scores_zero2": decayed_scores(2, True),
+         "decayed_scores_zero3": decayed_scores(3, True), "undecayed_scores_zero2": decayed_scores(2, False),
+         "undecayed_scores_zero3": decayed_scores(3, False), "zero0_with_config_optimizer": zero0_with_config_optimizer}
 
 
 class Collect(logging.Handler):
@@ -120,18 +149,19 @@ def main(out):
         logging.getLogger("beamlora_ds").addHandler(collect)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            value = None
             try:
-                case(out)
+                value = case(out)
                 raised, message = None, ""
             except Exception as e:  # noqa: BLE001 - what was raised is the result
                 raised, message = type(e).__name__, str(e)
         logging.getLogger("beamlora_ds").removeHandler(collect)
-        results[name] = {"raised": raised, "message": message,
+        results[name] = {"raised": raised, "message": message, "value": value,
                          "warnings": [str(w.message) for w in caught if "beamlora" in w.filename or
                                       "apply()" in str(w.message)] + collect.messages}
-    with open(os.path.join(out, "misuse.json"), "w") as f:
+    with open(os.path.join(out, f"misuse_rank{deepspeed.comm.get_rank()}.json"), "w") as f:
         json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[-1])  # the launcher puts --local_rank=N first

@@ -1,8 +1,8 @@
-"""The usual mistakes around deepspeed.initialize (issue: a new user's own DeepSpeed loop), each on a real
-one-process DeepSpeed engine: BeamLoRA names the fix before DeepSpeed's IndexError, or at the next save."""
+"""The usual mistakes around deepspeed.initialize (a new user's own DeepSpeed loop), each on a real 2-process
+DeepSpeed engine: BeamLoRA names the fix before DeepSpeed's IndexError, or at the next save; every process says
+the same (a check that raised on one process only would leave the other waiting)."""
 import json
 import os
-import sys
 
 import pytest
 
@@ -15,10 +15,16 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "misuse_worker
 @pytest.fixture(scope="module")
 def said(tmp_path_factory):
     out = tmp_path_factory.mktemp("misuse")
-    proc = testing.run([sys.executable, WORKER, str(out)], timeout=400, env=testing.single_process_env())
+    proc = testing.run(testing.deepspeed_command(WORKER, [out], 2), timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(out / "misuse.json") as f:
-        return json.load(f)
+    per_rank = []
+    for rank in (0, 1):
+        with open(out / f"misuse_rank{rank}.json") as f:
+            per_rank.append(json.load(f))
+    for name in per_rank[0]:  # the same outcome and value everywhere (warnings: only process 0 logs)
+        assert [(r[name]["raised"], r[name]["value"]) for r in per_rank] == \
+            [(per_rank[0][name]["raised"], per_rank[0][name]["value"])] * 2, name
+    return per_rank[0]
 
 
 def test_an_optimizer_built_before_apply_is_warned_about_before_deepspeed_fails(said):
@@ -54,3 +60,16 @@ def test_extra_steps_are_told_at_save_checkpoint(said):
     case = said["extra_steps"]
     assert any("BeamLoRA counted 4 optimizer steps, the optimizer counted 2" in w and "more often" in w
                for w in case["warnings"]), case
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_the_engines_real_optimizer_is_read_for_score_weight_decay(said, stage):
+    """ZeRO-2 splits parameters over processes and ZeRO-3 empties the base optimizer's lists between steps: the
+    answer must still be all 14 scores (one decayed group) or none, on both processes."""
+    assert said[f"decayed_scores_zero{stage}"]["value"] == 14, said[f"decayed_scores_zero{stage}"]
+    assert said[f"undecayed_scores_zero{stage}"]["value"] == 0, said[f"undecayed_scores_zero{stage}"]
+
+
+def test_zero0_with_deepspeeds_own_optimizer_steps(said):
+    case = said["zero0_with_config_optimizer"]
+    assert case["raised"] is None, case
