@@ -121,7 +121,7 @@ class BeamController:
         target = optimizer_or_engine if optimizer_or_engine is not None else (
             self._stepped_ref() if self._stepped_ref is not None else None)
         if target is None:  # step() was never called: find the optimizer it should have been given
-            holders = optimizers_holding(m.lora_score for m in self.modules)
+            holders = optimizers_holding(m.score_parameter for m in self.modules)
             target = holders[0] if len(holders) == 1 else None
         steps = optimizer_steps(target, self.modules) if target is not None else None
         if steps is None or steps == self.global_step:
