@@ -198,13 +198,20 @@ class BeamController:
         }
 
     # -------------------------------------------------------------------------------------------- resume
+    @property
+    def score_layout(self) -> str:
+        """"table": the scores live in the model's one score table (apply()); "per_module": each module owns its
+        own (layers made on their own, and every checkpoint written before the table, which has no such key)."""
+        return "per_module" if self.modules[0].score_row is None else "table"
+
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: step, snapshot (this process's shard), history, config.
 
         Reset randomness needs no RNG state: every permutation is drawn from a generator seeded by
         (seed, step, module index), so it is the same after a resume by construction.
         """
-        return {"version": STATE_VERSION, "global_step": self.global_step, "config": self.config.to_dict(),
+        return {"version": STATE_VERSION, "score_layout": self.score_layout, "global_step": self.global_step,
+                "config": self.config.to_dict(),
                 "module_names": list(self.module_names), "snapshot": self._snapshot,
                 "snapshot_step": self._snapshot_step, "history": list(self.history),
                 "nonfinite_loss_step": self._nonfinite_loss_step}
