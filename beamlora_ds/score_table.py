@@ -91,8 +91,19 @@ def attach_score_table(model: nn.Module, modules: Dict[str, nn.Module]) -> Score
     for index, layer in enumerate(layers):
         layer.use_score_table(table, index)
     setattr(model, TABLE_ATTRIBUTE, table)
-    model.register_load_state_dict_pre_hook(functools.partial(stack_per_module_scores, names=list(modules)))
+    hook = model.register_load_state_dict_pre_hook(functools.partial(stack_per_module_scores, names=list(modules)))
+    table.__dict__["_load_hook"] = hook  # removed with the table (detach_score_table)
     return table
+
+
+def detach_score_table(model: nn.Module) -> None:
+    """Remove the model's score table and its load hook, once no BeamLoRA module reads it (after a merge)."""
+    table = getattr(model, TABLE_ATTRIBUTE, None)
+    if isinstance(table, ScoreTable):
+        hook = table.__dict__.get("_load_hook")
+        if hook is not None:
+            hook.remove()
+        delattr(model, TABLE_ATTRIBUTE)
 
 
 def stack_per_module_scores(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs,

@@ -127,8 +127,9 @@ def test_beamlora_export_reads_trainer_checkpoints(tmp_path):
     beam = beamlora_ds.apply(model, beamlora_ds.BeamLoRAConfig(r=4, alpha=8.0, dropout=0.05, interval=4,
                                                                total_steps=12, p0=0.7))
     with torch.no_grad():
-        for name, value in result["weights"].items():
-            model.get_parameter(name).copy_(value)
+        for name, value in result["weights"].items():  # <module>.<key>; lora_score is the module's table row
+            module_name, _, key = name.rpartition(".")
+            getattr(model.get_submodule(module_name), key).copy_(value)
     model.eval()
     ids = torch.randint(3, 60, (2, 10), generator=torch.Generator().manual_seed(0))
     expected = model(input_ids=ids).logits
