@@ -74,8 +74,21 @@ class BeamLoRATrainerMixin:
     yourself (`class MyTrainer(BeamLoRATrainerMixin, Trainer)`) if you prefer that to attach()'s class change."""
 
     def get_decay_parameter_names(self, model):
-        """The Trainer's choice minus every `lora_score`: the score re-weights ranks and is never decayed."""
+        """The Trainer's choice minus every `lora_score`: the score re-weights ranks and is never decayed. With
+        weight_decay 0 nothing is decayed, so every name is listed: one group, the other one empty (dropped by
+        create_optimizer), as optimizer_param_groups does (docs/fused_score_design.md)."""
+        if not self.args.weight_decay:
+            return [name for name, _ in model.named_parameters()]
         return [name for name in super().get_decay_parameter_names(model) if not name.endswith("lora_score")]
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer without empty parameter groups: under ZeRO each group is its own flat buffer
+        and collectives per step."""
+        optimizer = super().create_optimizer(model)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if isinstance(inner, torch.optim.Optimizer) and not inner.state:
+            inner.param_groups[:] = [group for group in inner.param_groups if group["params"]]
+        return optimizer
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self._beamlora_resume_from = resume_from_checkpoint  # the callback reads BeamLoRA's state from there

@@ -81,7 +81,18 @@ def train(out: str, stop_at: int = 0, resume: bool = False, ds_stage: int = -1, 
             weights[f"{name}.{key}"] = value.float().cpu().clone()
     return {"history": [(r["step"], sorted(map(tuple, r["pruned"]))) for r in beam.history],
             "global_step": beam.global_step, "weights": weights, "process_index": trainer.args.process_index,
-            "decay": optimizer_weight_decay(trainer, model), "best": trainer.state.best_model_checkpoint}
+            "decay": optimizer_weight_decay(trainer, model), "best": trainer.state.best_model_checkpoint,
+            "param_groups": optimizer_group_count(trainer)}
+
+
+def optimizer_group_count(trainer):
+    """How many parameter groups the Trainer's optimizer has (None under DeepSpeed)."""
+    if ds_enabled(trainer):
+        return None
+    optimizer = trainer.optimizer
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return len(optimizer.param_groups)
 
 
 def optimizer_weight_decay(trainer, model) -> dict:

@@ -106,6 +106,16 @@ def test_trainer_never_decays_the_score(tmp_path):
     assert {d for n, d in decay.items() if n.endswith(("lora_A", "lora_B"))} == {0.1}
 
 
+def test_trainer_without_weight_decay_builds_one_parameter_group(tmp_path):
+    """weight_decay=0: decayed and undecayed groups would be the same, so there is one (under ZeRO each group costs
+    its own flat buffer and collectives per step)."""
+    import hf_worker
+
+    result = hf_worker.train(str(tmp_path / "run"), weight_decay=0.0)
+    assert result["param_groups"] == 1
+    assert set(result["decay"].values()) == {0.0} and any(n.endswith("lora_score") for n in result["decay"])
+
+
 def test_beamlora_export_reads_trainer_checkpoints(tmp_path):
     """beamlora-export on a Trainer output_dir (its highest checkpoint-N) and on one checkpoint-N: stock peft loads
     the result onto a fresh base and reproduces the logits of the BeamLoRA model holding the run's final weights."""
@@ -232,7 +242,7 @@ def test_the_trainer_methods_beamlora_overrides_still_exist_with_their_signature
 
     from beamlora_ds.hf import BeamLoRATrainerMixin
 
-    for name in ("get_decay_parameter_names", "save_model", "train", "_save_optimizer_and_scheduler",
+    for name in ("get_decay_parameter_names", "create_optimizer", "save_model", "train", "_save_optimizer_and_scheduler",
                  "_load_from_checkpoint", "_load_best_model"):
         ours = list(inspect.signature(getattr(BeamLoRATrainerMixin, name)).parameters)
         theirs = list(inspect.signature(getattr(Trainer, name)).parameters)
