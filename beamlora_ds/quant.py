@@ -15,8 +15,15 @@ What loading does, and why (each point is a way the plain `from_pretrained` call
   accelerator device, so each process first selects its own (LOCAL_RANK).
 - A live `HfDeepSpeedConfig` exists before `from_pretrained` under ZeRO-3, as for unquantized models. (transformers
   5 does not partition a quantized model while it loads, bitsandbytes quantizes after `zero.Init` would: each
-  process holds the whole 4-bit model, about 0.55 byte per quantized weight plus the 16-bit embeddings and
-  lm_head, until `deepspeed.initialize` partitions it.)
+  process builds the whole 4-bit model, about 0.55 byte per quantized weight plus the 16-bit embeddings and
+  lm_head, and `deepspeed.initialize` partitions it.)
+- Loading is bounded under ZeRO-3 with several processes (docs/qlora.md, "Loading at scale"): the processes of a
+  node load in turns (`staggered.load_in_turns`); right after its turn every process but rank 0 drops its
+  weights (`staggered.drop_weights_rank0_will_send`), and once all have loaded the model is partitioned from
+  rank 0's copy, one parameter at a time (`staggered.partition_from_rank0`), so a node holds about one whole
+  model at a time instead of one per process, and the model returned is partitioned, as an unquantized ZeRO-3
+  load is. `BEAMLORA_DS_4BIT_LOAD=together` (or `in_turns=False`) restores the old way: every process loads at
+  once and keeps its whole copy until `deepspeed.initialize`.
 - No `peft.prepare_model_for_kbit_training`. Of what it does, freezing every base parameter is kept (and
   `apply` freezes again). Its fp32 upcast of norms, embeddings and lm_head is left out on purpose: a DeepSpeed
   engine in bf16 casts every float parameter back to bf16 at `initialize` (the upcast would be undone, after
@@ -43,11 +50,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import ranks, staggered
 from .ds_config import DSConfigError, zero_stage
 from .support import UnsupportedSetupError, check_zero_support
 
 logger = logging.getLogger(__name__)
 
+LOAD_MODE_VARIABLE = "BEAMLORA_DS_4BIT_LOAD"  # "turns" (default) or "together": see loads_in_turns
 MIN_BITSANDBYTES = "0.43.0"  # first release with bnb_4bit_quant_storage (needed to partition 4-bit weights)
 COMPUTE_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -171,31 +180,66 @@ def _check_bitsandbytes() -> None:
 
 def load_4bit_model(path: str, ds_config: Optional[dict], compute_dtype: torch.dtype = torch.bfloat16,
                     double_quant: bool = True, gradient_checkpointing: bool = False,
-                    model_dtype: Optional[torch.dtype] = None) -> nn.Module:
+                    model_dtype: Optional[torch.dtype] = None, in_turns: Optional[bool] = None) -> nn.Module:
     """A causal LM with every linear layer but lm_head in NF4, ready for `beamlora_ds.apply` and DeepSpeed.
 
     `path`: a hub name, a local folder, or `models.BUILTIN_TINY` (the tiny Llama is saved to a temporary folder
     and loaded back through the same BitsAndBytesConfig path). See the module docstring for what is done and why.
     `model_dtype` only without DeepSpeed (ds_config None): the dtype of the non-quantized parameters (default fp32).
+    `in_turns`: bounded loading under ZeRO-3 with several processes (None: on unless $BEAMLORA_DS_4BIT_LOAD is
+    "together"); the model is then returned ZeRO-3-partitioned.
     Call on every process.
     """
-    from . import models
-
     settings = check_4bit_request(ds_config, compute_dtype=compute_dtype, double_quant=double_quant,
                                   model_dtype=model_dtype)
     _select_local_device()
+    turns = loads_in_turns(settings, in_turns)
+    early = turns and _partitioned_from_rank0(ds_config)
+
+    def load():
+        model = _load_whole(path, settings, ds_config)
+        prepare_4bit_model(model, gradient_checkpointing=gradient_checkpointing)
+        if early:  # before the next process of this node loads
+            staggered.drop_weights_rank0_will_send(model)
+        return model
+
+    model = staggered.load_in_turns(load, what=path) if turns else load()
+    if early:
+        staggered.partition_from_rank0(model, ds_config, settings.model_dtype)
+    logger.info("Loaded %s in 4-bit NF4%s: %d linear layers quantized, compute %s, storage %s%s",
+                path, " (double quantization)" if double_quant else "",
+                sum(isinstance(m, _linear4bit()) for m in model.modules()), _name(settings.compute_dtype),
+                _name(settings.quant_storage), ", in turns per node" if turns else "")
+    return model
+
+
+def loads_in_turns(settings: FourBitSettings, in_turns: Optional[bool] = None) -> bool:
+    """Whether `load_4bit_model` bounds loading (docs/qlora.md, "Loading at scale"): under ZeRO-3 with more than
+    one process, unless `in_turns=False` or $BEAMLORA_DS_4BIT_LOAD=together (the unbounded way, for comparison)."""
+    if in_turns is None:
+        mode = os.environ.get(LOAD_MODE_VARIABLE, "turns")
+        if mode not in ("turns", "together"):
+            raise QuantizationError(f"{LOAD_MODE_VARIABLE}={mode!r}: use \"turns\" (the default: one process per "
+                                    "node loads at a time) or \"together\" (every process at once).")
+        in_turns = mode == "turns"
+    return bool(in_turns) and settings.zero_stage == 3 and ranks.is_distributed()
+
+
+def _partitioned_from_rank0(ds_config: Optional[dict]) -> bool:
+    """Partitioning fills every parameter from global rank 0, except under MiCS (one source per shard group):
+    there the processes only take turns, and each keeps its copy until deepspeed.initialize."""
+    mics = ((ds_config or {}).get("zero_optimization") or {}).get("mics_shard_size", -1)
+    return not isinstance(mics, int) or mics <= 0
+
+
+def _load_whole(path: str, settings: FourBitSettings, ds_config: Optional[dict]) -> nn.Module:
+    from . import models
+
     if path == models.BUILTIN_TINY:
         with tempfile.TemporaryDirectory(prefix="beamlora_tiny4bit_") as folder:
             _save_checkpoint(models._tiny_llama(settings.model_dtype), folder)  # before HfDeepSpeedConfig exists
-            model = _from_pretrained(folder, settings, ds_config)
-    else:
-        model = _from_pretrained(path, settings, ds_config)
-    prepare_4bit_model(model, gradient_checkpointing=gradient_checkpointing)
-    logger.info("Loaded %s in 4-bit NF4%s: %d linear layers quantized, compute %s, storage %s",
-                path, " (double quantization)" if double_quant else "",
-                sum(isinstance(m, _linear4bit()) for m in model.modules()), _name(settings.compute_dtype),
-                _name(settings.quant_storage))
-    return model
+            return _from_pretrained(folder, settings, ds_config)
+    return _from_pretrained(path, settings, ds_config)
 
 
 def prepare_4bit_model(model: nn.Module, gradient_checkpointing: bool = False) -> nn.Module:

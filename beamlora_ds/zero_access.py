@@ -20,6 +20,7 @@ import torch
 from . import ranks
 from .access import PlatformAccess, RankStats, score_parameters
 from .beam import ModuleReset
+from .flat_runs import Run, columns, gather_local, local_parts, rows, scatter_local, total
 from .layer import BeamLoRALinear
 from .support import check_engine_support
 
@@ -27,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 class _Fragment:
-    """This process's slice [start, start + numel) of one parameter's flat fp32 master and moments."""
+    """This process's slice [start, start + numel) of one parameter's flat fp32 master and moments. Writes take
+    whole rank slots as runs of flat positions (flat_runs.py) and touch only the part this process holds."""
 
     start: int
     numel: int
@@ -35,15 +37,11 @@ class _Fragment:
     def read(self, key: Optional[str] = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def write(self, positions: torch.Tensor, values: torch.Tensor, key: Optional[str] = None) -> None:
+    def write(self, runs: List[Run], values: torch.Tensor, key: Optional[str] = None) -> None:
         raise NotImplementedError
 
-    def write_working_copy(self, positions: torch.Tensor, values: torch.Tensor) -> None:
+    def write_working_copy(self, runs: List[Run], values: torch.Tensor) -> None:
         raise NotImplementedError
-
-    def local(self, positions: torch.Tensor) -> torch.Tensor:
-        """Boolean mask of the flat positions that fall inside this fragment."""
-        return (positions >= self.start) & (positions < self.start + self.numel)
 
 
 class _Stage12Fragment(_Fragment):
@@ -60,15 +58,12 @@ class _Stage12Fragment(_Fragment):
             return torch.zeros(0)
         return self._hp(key).detach().float().cpu().clone()
 
-    def write(self, positions, values, key=None):
-        mask = self.local(positions)
-        if self.numel and mask.any():
-            hp = self._hp(key)
-            hp[(positions[mask] - self.start).to(hp.device)] = values[mask].to(hp.device, hp.dtype)
+    def write(self, runs, values, key=None):
+        if self.numel:
+            scatter_local(runs, values, self._hp(key), self.start)
 
-    def write_working_copy(self, positions, values):
-        data = self.param.data.view(-1)  # whole on every process under stage 1/2
-        data[positions.to(data.device)] = values.to(data.device, data.dtype)
+    def write_working_copy(self, runs, values):
+        scatter_local(runs, values, self.param.data.view(-1), 0)  # whole on every process under stage 1/2
 
 
 class _Stage3Fragment(_Fragment):
@@ -91,27 +86,22 @@ class _Stage3Fragment(_Fragment):
     def read(self, key=None):
         return self._get_local(key)[: self.numel].float().cpu().clone()
 
-    def write(self, positions, values, key=None):
+    def write(self, runs, values, key=None):
         from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
-        mask = self.local(positions)
-        if not mask.any():
+        if not any(True for _ in local_parts(runs, self.start, self.start + self.numel)):
             return
         local = self._get_local(key).clone()
-        local[(positions[mask] - self.start).to(local.device)] = values[mask].to(local.device, local.dtype)
+        scatter_local(runs, values, local[: self.numel], self.start)
         if key is None:
             safe_set_local_fp32_param(self.param, local)
         else:
             safe_set_local_optimizer_state(self.param, local, key)
 
-    def write_working_copy(self, positions, values):
-        mask = self.local(positions)
-        if mask.any():
-            shard = self.param.ds_tensor.data.view(-1)
-            shard[(positions[mask] - self.start).to(shard.device)] = values[mask].to(shard.device, shard.dtype)
+    def write_working_copy(self, runs, values):
+        scatter_local(runs, values, self.param.ds_tensor.data.view(-1)[: self.numel], self.start)
         if self.param.data.numel() == self.param.ds_numel:  # gathered (persistent): the whole copy is live too
-            data = self.param.data.view(-1)
-            data[positions.to(data.device)] = values.to(data.device, data.dtype)
+            scatter_local(runs, values, self.param.data.view(-1), 0)
 
 
 class ZeroAccess(PlatformAccess):
@@ -185,9 +175,7 @@ class ZeroAccess(PlatformAccess):
             if score.numel:
                 if id(score) not in score_values:
                     score_values[id(score)] = score.read()
-                positions = score_positions(module)
-                mine = score.local(positions)
-                buffer[0, m, mine] = score_values[id(score)][positions[mine] - score.start]
+                gather_local(score_runs(module), score_values[id(score)], score.start, buffer[0, m])
             if with_norms:
                 for slot, name in ((1, "lora_A"), (2, "lora_B")):
                     frag = frags[name]
@@ -216,24 +204,22 @@ class ZeroAccess(PlatformAccess):
     def _gather_source_values(self, snapshot: dict, plans: Sequence[ModuleReset], keys: Sequence[Optional[str]]
                               ) -> Dict[tuple, torch.Tensor]:
         """The snapshot's source rows of A and columns of B (master and moments), rebuilt from every process's
-        shard with one all-reduce. Values come out in the order of the target positions they will be written to.
+        shard with one all-reduce: each process copies in only the part it holds (interval arithmetic on its
+        fragment, flat_runs.py). Values come out in the layout of the target slots they will be written to.
         """
-        layout, total = [], 0
+        layout, size = [], 0
         for plan in plans:
-            module, sources = self.modules[plan.module_index], torch.tensor(plan.sources)
-            for name, positions in (("lora_A", _row_positions(sources, module.in_features)),
-                                    ("lora_B", _col_positions(sources, module.out_features, module.r))):
+            for name, runs in _slot_runs(self.modules[plan.module_index], plan.sources):
                 for key in keys:
-                    layout.append((plan.module_index, name, key, positions, total))
-                    total += positions.numel()
-        buffer = torch.zeros(total, dtype=torch.float32)
-        for m, name, key, positions, offset in layout:
+                    layout.append((plan.module_index, name, key, runs, size))
+                    size += total(runs)
+        buffer = torch.zeros(size, dtype=torch.float32)
+        for m, name, key, runs, offset in layout:
             shard = snapshot["modules"][m][name]
-            mine = ((positions >= shard["start"]) & (positions < shard["start"] + shard["numel"])).nonzero().flatten()
             values = shard["master"] if key is None else shard["moments"][key]
-            buffer[offset + mine] = values[positions[mine] - shard["start"]]
+            gather_local(runs, values, shard["start"], buffer[offset: offset + total(runs)])
         buffer = self._all_reduce(buffer)
-        return {(m, name, key): buffer[offset: offset + positions.numel()] for m, name, key, positions, offset in layout}
+        return {(m, name, key): buffer[offset: offset + total(runs)] for m, name, key, runs, offset in layout}
 
     # -------------------------------------------------------------------------------------------- writes
     @torch.no_grad()
@@ -247,24 +233,21 @@ class ZeroAccess(PlatformAccess):
         fragments = self.fragments
         for plan in plans:
             m, module, frags = plan.module_index, self.modules[plan.module_index], fragments[plan.module_index]
-            targets = torch.tensor(plan.targets)
-            for name, positions in (("lora_A", _row_positions(targets, module.in_features)),
-                                    ("lora_B", _col_positions(targets, module.out_features, module.r))):
+            for name, runs in _slot_runs(module, plan.targets):
                 for key in keys:
-                    frags[name].write(positions, values[(m, name, key)], key)
-                frags[name].write_working_copy(positions, values[(m, name, None)])
-            positions = score_positions(module)
-            frags["lora_score"].write(positions, new_logits[m])
-            frags["lora_score"].write_working_copy(positions, new_logits[m])
+                    frags[name].write(runs, values[(m, name, key)], key)
+                frags[name].write_working_copy(runs, values[(m, name, None)])
+            runs = score_runs(module)
+            frags["lora_score"].write(runs, new_logits[m])
+            frags["lora_score"].write_working_copy(runs, new_logits[m])
 
     @torch.no_grad()
     def zero_score_moments(self):
         """Every module's score moments: each score parameter's whole local fragment (a table: all rows)."""
         keys = self.moment_keys()
         for frag in {id(f["lora_score"]): f["lora_score"] for f in self.fragments}.values():
-            positions = torch.arange(frag.start, frag.start + frag.numel)
-            for key in keys:
-                frag.write(positions, torch.zeros(frag.numel), key)
+            for key in keys:  # what this process holds of the parameter, at once
+                frag.write([Run(frag.start, frag.numel)], torch.zeros(frag.numel), key)
 
     def score_weight_decays(self):
         """From DeepSpeed's own grouping of the trainable parameters, the same on every process: stage 1/2 keep
@@ -310,20 +293,15 @@ def warn_if_adapters_not_persistent(modules: Sequence[BeamLoRALinear], engine) -
             persistence_threshold_for(modules), elements * 2 / 2**20)
 
 
-def score_positions(module: BeamLoRALinear) -> torch.Tensor:
-    """Flat positions of `module`'s r score logits in its score parameter: its row of the table, or 0..r-1."""
+def score_runs(module: BeamLoRALinear) -> List[Run]:
+    """`module`'s r score logits as a flat run of its score parameter: its row of the table, or 0..r-1."""
     row = module.score_row
-    return torch.arange(module.r) + (0 if row is None else row * module.r)
+    return [Run((0 if row is None else row) * module.r, module.r)]
 
 
-def _row_positions(rows: torch.Tensor, width: int) -> torch.Tensor:
-    """Flat positions of whole rows of a (r x width) row-major tensor, row by row."""
-    return (rows[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
-
-
-def _col_positions(cols: torch.Tensor, height: int, r: int) -> torch.Tensor:
-    """Flat positions of whole columns of a (height x r) row-major tensor, in the order B[:, cols].reshape(-1)."""
-    return (torch.arange(height)[:, None] * r + cols[None, :]).reshape(-1)
+def _slot_runs(module: BeamLoRALinear, slots: Sequence[int]):
+    """The rank slots `slots` of a module as flat runs: rows of A (r x d_in), columns of B (d_out x r)."""
+    return (("lora_A", rows(slots, module.in_features)), ("lora_B", columns(slots, module.out_features, module.r)))
 
 
 def is_zero3_param(param: torch.Tensor) -> bool:

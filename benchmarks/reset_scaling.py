@@ -21,11 +21,14 @@ the score read is 3 N r floats and is done twice (C = 2 + [P > 0], B = 4 (6 N r 
 has K = 1; check_consistency adds one 16-byte all-reduce. A snapshot is one 16-byte all-reduce.
 
 Cost model of one reset, per process (each term one kind of work in zero_access.py / controller.py):
-    t = a*C + b*ring(W)*B + n*N + m*M + e*K*S + f*K*A/W
+    t = a*C + b*ring(W)*B + n*N + m*M + e*K*S + g*K*S/W + f*K*A/W
       a: latency per collective;  b: seconds per byte on the wire;  ring(W) = 2 (W-1) / W
       N: modules (the fragment bookkeeping, score reads and score-moment zeroing visit every module)
       M: modules touched by the reset (per-module planning and writes)
-      K*S: elements gathered and written; their position masks are full-length on every process, so not / W
+      K*S: the full-length gather buffer (zero-filled, all-reduced, sliced) and, where the working copy is whole on
+           every process, its writes: copying at memory speed, on every process, so not / W
+      K*S/W: gathering and writing this process's part of the moved rows and columns: interval arithmetic on its
+           fragment (beamlora_ds/flat_runs.py), so only what it holds (before: full-length position masks)
       K*A/W: A = r * (d_in + d_out) summed over touched modules; ZeRO-3 writes clone each process's partition
 The constants are fitted (non-negative least squares, relative error) on the measured resets with W <= CPU cores.
 For the extrapolation, a and b are replaced by the stated interconnect, plus the host<->GPU copies of both
@@ -48,7 +51,8 @@ from beamlora_ds import testing  # noqa: E402
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 K_INHERIT = 3  # fp32 master + AdamW's exp_avg and exp_avg_sq
 LLAMA2_70B = {"hidden": 8192, "intermediate": 28672, "heads": 64, "kv_heads": 8, "layers": 80, "vocab": 32000}
-FEATURES = ("collectives", "ring_bytes", "modules", "modules_touched", "elements", "partition_elements")
+FEATURES = ("collectives", "ring_bytes", "modules", "modules_touched", "elements", "local_elements",
+            "partition_elements")
 
 
 def parse(argv=None):
@@ -105,7 +109,8 @@ def ring(world: int) -> float:
 
 def features(row: dict) -> list:
     return [row["collectives"], ring(row["world"]) * row["bytes"], row["modules"], row["modules_touched"],
-            K_INHERIT * row["pruned_din_plus_dout"], K_INHERIT * row["touched_adapter_elements"] / row["world"]]
+            K_INHERIT * row["pruned_din_plus_dout"], K_INHERIT * row["pruned_din_plus_dout"] / row["world"],
+            K_INHERIT * row["touched_adapter_elements"] / row["world"]]
 
 
 # -------------------------------------------------------------------------------------------------- launches
@@ -174,18 +179,36 @@ def fit(rows: list) -> dict:
     scale = X.max(axis=0)
     scale[scale == 0] = 1.0
     A, b = (X / scale) / y[:, None], np.ones_like(y)
-    try:
-        from scipy.optimize import nnls
-
-        coef, _ = nnls(A, b)
-    except ImportError:  # no scipy: plain least squares, negative constants clipped to 0
-        coef = np.clip(np.linalg.lstsq(A, b, rcond=None)[0], 0, None)
-    coef = coef / scale
+    coef = nnls(A, b) / scale
     predicted = X @ coef
     rel = (predicted - y) / y
     return {"constants": dict(zip(FEATURES, coef.tolist())), "points": len(rows),
             "median_abs_rel_error": float(np.median(np.abs(rel))), "max_abs_rel_error": float(np.max(np.abs(rel))),
             "predicted_s": predicted.tolist()}
+
+
+def nnls(A, b, iterations: int = 200):
+    """Non-negative least squares (Lawson-Hanson active set), in numpy: scipy is not a dependency, and clipping a
+    plain least-squares solution is wrong when features are nearly collinear (the K*S and K*S/W terms at W = 1)."""
+    import numpy as np
+
+    x, passive = np.zeros(A.shape[1]), np.zeros(A.shape[1], dtype=bool)
+    for _ in range(iterations):
+        gradient = A.T @ (b - A @ x)
+        if passive.all() or gradient[~passive].max(initial=0.0) <= 1e-12:
+            break
+        passive[np.argmax(np.where(passive, -np.inf, gradient))] = True
+        while True:
+            z = np.zeros_like(x)
+            z[passive] = np.linalg.lstsq(A[:, passive], b, rcond=None)[0]
+            if (z[passive] > 0).all():
+                x = z
+                break
+            blocked = passive & (z <= 0)
+            step = np.min(x[blocked] / (x[blocked] - z[blocked]))
+            x = x + step * (z - x)
+            passive &= x > 1e-15
+    return x
 
 
 # --------------------------------------------------------------------------------------------- extrapolation
@@ -226,6 +249,7 @@ def extrapolate(args, constants: dict) -> dict:
         comm = C * latency + ring(world) * B / link
         staging = 2 * B / pcie
         compute = (constants["modules"] * N + constants["modules_touched"] * N + constants["elements"] * K_INHERIT * S
+                   + constants.get("local_elements", 0.0) * K_INHERIT * S / world
                    + constants["partition_elements"] * K_INHERIT * A / world)
         total = comm + staging + compute
         return {"pruned_ranks": pruned, "collectives": C, "bytes": B, "comm_s": comm, "staging_s": staging,
@@ -289,7 +313,8 @@ def main(argv=None):
           f"{model['points']} resets (median |error| {model['median_abs_rel_error']:.0%}, "
           f"max {model['max_abs_rel_error']:.0%}):")
     units = {"collectives": "s per collective", "ring_bytes": "s per byte on the wire", "modules": "s per module",
-             "modules_touched": "s per touched module", "elements": "s per element gathered/written",
+             "modules_touched": "s per touched module", "elements": "s per element of the full buffer",
+             "local_elements": "s per element gathered/written here (/W)",
              "partition_elements": "s per partition element (/W)"}
     for k, v in model["constants"].items():
         print(f"  {k:<20} {v:.3e} {units[k]}")

@@ -281,3 +281,72 @@ def test_adapter_trained_on_a_4bit_base_loads_in_stock_peft_on_the_full_precisio
         got = loaded(input_ids=ids).logits
     assert (expected - without).abs().max() > 0.05  # the adapter really acts
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+# --------------------------------------------------------------- loading at scale (beamlora_ds.staggered)
+def anon_rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def test_a_dropped_weight_takes_memory_only_when_written():
+    """What bounded loading relies on (docs/qlora.md): the placeholder of a dropped weight is backed by memory
+    only as DeepSpeed's broadcast writes it, and it is given back when freed."""
+    from beamlora_ds import staggered
+
+    shape, size = (4096, 4096), 4096 * 4096 * 2  # 32 MiB of bf16
+    before = anon_rss()
+    assert staggered.untouched_like(torch.empty(0, dtype=torch.bfloat16)).numel() == 0
+    placeholder = staggered.untouched_like(torch.empty(shape, dtype=torch.bfloat16))
+    assert placeholder.shape == shape and placeholder.dtype == torch.bfloat16 and placeholder.is_contiguous()
+    untouched = anon_rss() - before
+    placeholder.fill_(1.5)
+    written = anon_rss() - before
+    assert untouched < size / 8 and written > size * 0.9, (untouched, written)
+    del placeholder
+    assert anon_rss() - before < size / 8  # unmapped as soon as the tensor is freed
+
+
+def test_one_process_loads_once_in_one_turn_and_shares_errors():
+    from beamlora_ds import staggered
+
+    assert staggered.load_in_turns(lambda: "model") == "model"
+    turn = staggered.turns_taken()[-1]
+    assert (turn.turn, turn.turns) == (0, 1) and turn.finished >= turn.started
+
+    def broken():
+        raise OSError("no config.json")
+
+    with pytest.raises(staggered.LoadError, match=r"failed on process\(es\) \[0\].*OSError") as info:
+        staggered.load_in_turns(broken, what="my-model")
+    assert isinstance(info.value.__cause__, OSError)
+    layer = nn.Linear(3, 3)
+    weight = layer.weight.detach().clone()
+    assert staggered.drop_weights_rank0_will_send(layer) == 0 and torch.equal(layer.weight, weight)  # alone: kept
+
+
+@pytest.mark.parametrize("variables, expected", [
+    ({"LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8"}, (3, 8)),         # torchrun
+    ({"LOCAL_RANK": "1", "LOCAL_SIZE": "4"}, (1, 4)),               # deepspeed's launcher
+    ({"LOCAL_RANK": "2", "SLURM_NTASKS_PER_NODE": "8(x4)"}, (2, 8)),
+    ({"LOCAL_RANK": "0"}, (0, 1)),                                   # alone
+])
+def test_the_node_is_read_from_the_launchers_variables(monkeypatch, variables, expected):
+    from beamlora_ds import staggered
+
+    for name in ("LOCAL_RANK",) + staggered.LOCAL_SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert staggered.local_rank_and_size() == expected
+
+
+def test_loading_in_turns_is_the_zero3_default_and_can_be_turned_off(monkeypatch):
+    zero3 = quant.check_4bit_request({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}})
+    monkeypatch.delenv(quant.LOAD_MODE_VARIABLE, raising=False)
+    assert not quant.loads_in_turns(zero3)  # one process: nothing to take turns with
+    monkeypatch.setenv(quant.LOAD_MODE_VARIABLE, "sometimes")
+    with pytest.raises(quant.QuantizationError, match="BEAMLORA_DS_4BIT_LOAD='sometimes'.*together"):
+        quant.loads_in_turns(zero3)
+    monkeypatch.setenv(quant.LOAD_MODE_VARIABLE, "together")
+    assert not quant.loads_in_turns(zero3, in_turns=None)

@@ -38,6 +38,7 @@ def test_reset_scaling_quick(tmp_path):
 
     model = result["model"]
     assert set(model["constants"]) == {"collectives", "ring_bytes", "modules", "modules_touched", "elements",
+                                       "local_elements",
                                        "partition_elements"}
     assert all(v >= 0 for v in model["constants"].values()) and model["points"] == len(rows)
     assert all(r["model_s"] > 0 for r in rows)
@@ -51,3 +52,4 @@ def test_reset_scaling_quick(tmp_path):
     first = extra["scenarios"]["first reset (paper schedule, importance spread evenly)"]
     assert 0.04 < first["pruned_ranks"] / (560 * 64) < 0.06  # about 1 - p0 = 5% at the first reset
     assert len({s["bytes"] for s in extra["worlds"].values()}) == 1  # the bytes do not depend on the world size
+

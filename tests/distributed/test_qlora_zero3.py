@@ -55,6 +55,7 @@ def test_qlora_zero3_two_processes_train_stop_resume_reset_and_checkpoint(two_pr
     out, first, second = two_processes_stopped_and_resumed
     assert "Loaded builtin-tiny in 4-bit NF4 (double quantization): 14 linear layers quantized, compute fp32" in first
     assert "ZeRO-3 fp32 | 2 processes" in first and "stopped after step 3" in first
+    assert "in turns per node" in first  # bounded loading (docs/qlora.md, Loading at scale) is the default
     log = read_log(out)
     assert [r["step"] for r in log if r["type"] == "train"] == list(range(1, 7))  # 1-3, then 4-6 after the resume
     resets = [r for r in log if r["type"] == "reset"]
