@@ -85,10 +85,11 @@ def is_deepspeed_optimizer(obj) -> bool:
     return type(obj).__module__.startswith("deepspeed.runtime")
 
 
-def deepspeed_managed(param: torch.Tensor) -> bool:
-    """True once a DeepSpeed ZeRO engine has taken `param` over: ZeRO-3 partitioned it (`ds_id`), or ZeRO-1/2 linked
-    it to its fp32 master (`_hp_mapping`). Its values then live in the engine, not in any torch optimizer."""
-    return hasattr(param, "ds_id") or getattr(param, "_hp_mapping", None) is not None
+def taken_by_engine(param: torch.Tensor) -> bool:
+    """True once deepspeed.initialize gave `param` to its ZeRO optimizer: stage 1/2 link an fp32 master
+    (`_hp_mapping`), stage 3 attach the optimizer (`_z3_optimizer`). Its values then live in the engine, not in any
+    torch optimizer. A ZeRO-3 model partitioned while it loads (zero.Init) has `ds_id` but neither of these."""
+    return getattr(param, "_hp_mapping", None) is not None or hasattr(param, "_z3_optimizer")
 
 
 PASS_THE_ENGINE = ("Pass the DeepSpeed engine itself, `beam.step(engine)`, after every `engine.step()`: BeamLoRA edits "
@@ -128,7 +129,7 @@ class TorchAccess(PlatformAccess):
 
     def __init__(self, modules: Sequence[BeamLoRALinear], optimizer):
         self.modules = list(modules)
-        if is_deepspeed_optimizer(optimizer) or any(deepspeed_managed(p) for m in self.modules
+        if is_deepspeed_optimizer(optimizer) or any(taken_by_engine(p) for m in self.modules
                                                      for _, p in _adapter_params(m)):
             raise TypeError(f"BeamController.step() got {type(optimizer).__name__}, but this model is trained by a "
                             f"DeepSpeed engine. {PASS_THE_ENGINE}")

@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from .access import is_deepspeed_engine
+from .access import is_deepspeed_engine, taken_by_engine
 
 ORDER = ("The order is: model -> beamlora_ds.apply(model, config) -> optimizer from "
          "beamlora_ds.optimizer_param_groups(model) -> deepspeed.initialize (or the Trainer).")
@@ -23,7 +23,7 @@ def check_model_before_apply(model: nn.Module) -> None:
     if is_deepspeed_engine(model):
         raise TypeError("apply() got a DeepSpeed engine. Call apply() on the model before deepspeed.initialize, "
                         "then build the optimizer and the engine. " + ORDER)
-    if any(_taken_by_engine(p) for p in model.parameters()):
+    if any(taken_by_engine(p) for p in model.parameters()):
         raise RuntimeError("apply() was called after deepspeed.initialize: the engine already partitioned this "
                            "model's parameters and would never train the adapter (DeepSpeed fails later with an "
                            "IndexError). " + ORDER)
@@ -33,13 +33,6 @@ def check_model_before_apply(model: nn.Module) -> None:
                       "parameters: apply() freezes them and adds new adapter parameters the optimizer does not "
                       "have (deepspeed.initialize then fails with an IndexError, a torch loop trains nothing). "
                       + ORDER, stacklevel=3)
-
-
-def _taken_by_engine(param: torch.Tensor) -> bool:
-    """Set by deepspeed.initialize on the parameters its ZeRO optimizer owns: stage 1/2 link an fp32 master
-    (`_hp_mapping`), stage 3 attach the optimizer (`_z3_optimizer`). A ZeRO-3 model partitioned while it loads
-    (zero.Init) has `ds_id` but neither of these, and is still fine to wrap."""
-    return getattr(param, "_hp_mapping", None) is not None or hasattr(param, "_z3_optimizer")
 
 
 def optimizers_holding(parameters) -> list:

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import beam
+from . import beam, ranks
 from .apply_checks import optimizers_holding
 from .access import PlatformAccess, RankStats, TorchAccess, is_deepspeed_engine, optimizer_steps
 from .config import RESUME_FIELDS, BeamLoRAConfig
@@ -238,8 +238,7 @@ class BeamController:
 def _log(level: int, message: str, *args) -> None:
     """Reset lines come from process 0 only: every process decides the same reset, and 64 identical lines on 64
     GPUs say no more than one (the record itself is in `history` on every process)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+    if ranks.is_process_zero():
         logger.log(level, message, *args)
 
 

@@ -29,6 +29,14 @@ def rank() -> int:
     return dist.get_rank() if dist is not None else 0
 
 
+def is_process_zero() -> bool:
+    """Whether this process speaks for all (one log line, one log record): process 0 of an initialized
+    torch.distributed group, DeepSpeed's included, or the only process. Read from torch.distributed, not
+    deepspeed.comm, so a plain torch.distributed job has one process 0 too."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def world_size() -> int:
     """How many processes the job has (1 outside a distributed job)."""
     dist = _comm()

@@ -66,9 +66,9 @@ def reset_log_record(record: dict) -> dict:
 def is_log_writer() -> bool:
     """Whether this process writes the log: process 0 of an initialized torch.distributed group (DeepSpeed's
     included), or the only process. Every process holds the same reset records; one copy is enough."""
-    import torch.distributed as dist
+    from .ranks import is_process_zero
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return is_process_zero()
 
 
 def log_reset(log_path: str, record: Optional[dict]) -> bool:

@@ -284,7 +284,7 @@ def warn_if_adapters_not_persistent(modules: Sequence[BeamLoRALinear], engine) -
     """Partitioned adapter tensors are all-gathered by every forward and backward: say so, with the fix."""
     params = [p for m in modules for p in (m.lora_A, m.lora_B)] + score_parameters(modules)
     gathered = [p for p in params if not getattr(p, "ds_persist", True)]
-    if gathered and ranks.rank() == 0:  # the same on every process: one line, not one per GPU
+    if gathered and ranks.is_process_zero():  # the same on every process: one line, not one per GPU
         elements = sum(p.ds_numel for p in params)
         logger.warning(
             "%d of %d BeamLoRA tensors are partitioned under ZeRO-3, so every forward and backward all-gathers them "
