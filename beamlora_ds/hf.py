@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from . import ranks
 from .adapter_format import STATE_CONFIG, load_state
-from .checkpoint import STATE_FILE
+from .checkpoint import STATE_FILE, check_score_layout
 from .controller import BeamController
 from .adapter_format import write_adapter
 from .export import adapter_metadata, adapter_state_from_model, save_adapter
@@ -92,6 +92,7 @@ class BeamLoRATrainerMixin:
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self._beamlora_resume_from = resume_from_checkpoint  # the callback reads BeamLoRA's state from there
+        refuse_other_score_layout(self, resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def save_model(self, output_dir=None, _internal_call=False):
@@ -136,6 +137,23 @@ class BeamLoRATrainerMixin:
             load_adapter_into(self.model, best)
         else:
             super()._load_best_model()
+
+
+def refuse_other_score_layout(trainer, resume_from_checkpoint) -> None:
+    """Before the Trainer loads anything: a checkpoint whose BeamLoRA state keeps the scores in another layout
+    (written before the model-level score table) is refused with the way out; its optimizer state does not fit."""
+    if not resume_from_checkpoint:
+        return
+    folder = resume_from_checkpoint
+    if folder is True:
+        from transformers.trainer_utils import get_last_checkpoint
+        folder = get_last_checkpoint(trainer.args.output_dir)  # what the Trainer will pick (it raises on None)
+    beams = [cb.beam for cb in trainer.callback_handler.callbacks if isinstance(cb, BeamLoRACallback)]
+    if not folder or not beams:
+        return
+    path = os.path.join(folder, STATE_FILE.format(rank=trainer.args.process_index))
+    saved = torch.load(path, map_location="cpu", weights_only=False)["beamlora"] if os.path.isfile(path) else None
+    check_score_layout(saved, beams[0], folder)  # a missing file is reported by the callback at the first step
 
 
 def write_adapter_into(model_or_engine, folder: str, collective: bool = True) -> None:

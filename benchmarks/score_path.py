@@ -13,11 +13,16 @@ of a chain of N adapters, each x -> B (w * (A x))):
            equal to plain's before timing)
   table    the model-level score path beamlora_ds.apply() installs: one (modules x r) ScoreTable, all rows computed
            once per forward, each module multiplying by its row (gradients checked equal to plain's)
+
+Each variant is timed in a process of its own (--rounds rounds, the order rotated each round, the same seeded
+tensors in every process): timed in one process, a variant's matrix multiplies ran up to 40% slower or faster
+depending on which variant ran before it (allocator state), which swamped the score path's few milliseconds.
 """
 import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -64,10 +69,12 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall: perf_counter; cpu: this thread's CPU time (less hit by other processes on a busy machine)")
+    p.add_argument("--rounds", type=int, default=3, help="processes per variant (the order rotated each round)")
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # internal: time one variant, print JSON times
     p.add_argument("--json", default=None, help="default benchmarks/results/score_path.json (quick: score_path_quick.json)")
     args = p.parse_args(argv)
     if args.quick:
-        args.modules, args.repeats, args.warmup = 14, 4, 1
+        args.modules, args.repeats, args.warmup, args.rounds = 14, 4, 1, 1
     if args.json is None:
         args.json = os.path.join(ROOT, "benchmarks", "results", "score_path_quick.json" if args.quick else "score_path.json")
     return args
@@ -112,12 +119,34 @@ def ops_per_step(tensors, variant: str, tau: float) -> int:
     return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
 
 
+def time_variant(args, tensors) -> list:
+    """--only: this process times one variant (after its warm-up) and returns the step times."""
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    times = []
+    for rep in range(args.warmup + args.repeats):
+        tick = clock()
+        step(tensors, args.only, args.tau)
+        if rep >= args.warmup:
+            times.append(clock() - tick)
+    return times
+
+
+def time_in_own_process(argv, variant: str) -> list:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--only", variant],
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
     args = parse(argv)
     torch.set_num_threads(1)
     tensors = build(args)
     with torch.no_grad():
         tensors["table"].lora_score.copy_(torch.stack(tensors["score"]))
+    if args.only:
+        print(json.dumps(time_variant(args, tensors)))
+        return
     plain, fused = step(tensors, "plain", args.tau), step(tensors, "fused", args.tau)
     max_diff = max((a - b).abs().max().item() for a, b in zip(plain, fused) if a is not None)
     table = step(tensors, "table", args.tau)
@@ -129,15 +158,11 @@ def main(argv=None):
                          f"{table_diff}")
     variants = ("none", "plain", "fused", "table")
     ops = {v: ops_per_step(tensors, v, args.tau) for v in variants}
-    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     times = {v: [] for v in variants}
-    for rep in range(args.warmup + args.repeats):
-        k = rep % len(variants)
+    for round_ in range(args.rounds):
+        k = round_ % len(variants)
         for v in variants[k:] + variants[:k]:  # rotate the order so drift hits all alike
-            tick = clock()
-            step(tensors, v, args.tau)
-            if rep >= args.warmup:
-                times[v].append(clock() - tick)
+            times[v] += time_in_own_process(argv, v)
     median = {v: statistics.median(ts) for v, ts in times.items()}
     result = {"settings": {k: v for k, v in vars(args).items() if k != "json"}, "torch": torch.__version__,
               "threads": 1, "fused_vs_plain_max_grad_diff": max_diff, "table_vs_plain_max_grad_diff": table_diff,
@@ -145,7 +170,7 @@ def main(argv=None):
               "median_s": median, "score_path_extra_s": {v: median[v] - median["none"] for v in variants[1:]},
               "times_s": times}
     print(f"{args.modules} modules, r={args.r}, hidden {args.hidden}, {args.tokens} tokens, 1 thread, "
-          f"{args.repeats} timed repeats (median)")
+          f"{args.rounds} processes x {args.repeats} timed repeats per variant (median)")
     print(f"{'variant':<8}{'fwd+bwd ms':>12}{'vs none ms':>12}{'per module us':>15}{'aten ops':>10}")
     for v in variants:
         extra = median[v] - median["none"]

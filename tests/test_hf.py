@@ -211,6 +211,21 @@ def test_resume_from_a_checkpoint_in_another_folder(tmp_path):
         assert torch.allclose(resumed["weights"][name], value, rtol=1e-6, atol=1e-7), name
 
 
+def test_a_trainer_checkpoint_from_before_the_score_table_is_refused_before_loading(tmp_path):
+    """A checkpoint-N written before the model-level score table (its BeamLoRA state has no `score_layout`) holds an
+    optimizer state with one score parameter per module; train(resume_from_checkpoint=True) stops with the way
+    out before the Trainer loads it, instead of torch's or DeepSpeed's size mismatch."""
+    import hf_worker
+
+    hf_worker.train(str(tmp_path / "part"), stop_at=6)
+    path = tmp_path / "part" / "checkpoint-6" / "beamlora_state_rank0.pt"
+    state = torch.load(str(path), weights_only=False)
+    del state["beamlora"]["score_layout"]
+    torch.save(state, str(path))
+    with pytest.raises(ValueError, match="checkpoint-6.*one parameter per module.*beamlora-export"):
+        hf_worker.train(str(tmp_path / "part"), resume=True)
+
+
 def test_adapter_only_states_load_strictly_and_nothing_else_does():
     """The hook attach() registers: a state missing only frozen tensors (all of them, or all but a tied output
     embedding, which DeepSpeed keeps under its second name) loads strictly; a missing adapter tensor still fails."""

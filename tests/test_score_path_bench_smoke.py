@@ -19,5 +19,6 @@ def test_score_path_quick(tmp_path):
     assert set(result["median_s"]) == {"none", "plain", "fused", "table"}
     ops = result["aten_ops_per_step"]
     assert ops["none"] < ops["table"] < ops["plain"]  # the table's per-module cost is only the row multiply
-    assert all(len(ts) == result["settings"]["repeats"] for ts in result["times_s"].values())
+    settings = result["settings"]
+    assert all(len(ts) == settings["repeats"] * settings["rounds"] for ts in result["times_s"].values())
     assert "plain" in proc.stdout and "per module us" in proc.stdout
