@@ -108,7 +108,7 @@ def optimizer_steps(optimizer_or_engine, modules: Sequence[BeamLoRALinear]) -> O
         optimizer = unwrap_optimizer(optimizer_or_engine)
     except TypeError:
         return None
-    steps = [optimizer.state.get(m.lora_score, {}).get("step") for m in modules]
+    steps = [optimizer.state.get(p, {}).get("step") for p in score_parameters(modules)]
     steps = [int(s) for s in steps if s is not None]
     return max(steps) if steps else None
 
@@ -179,13 +179,13 @@ class TorchAccess(PlatformAccess):
 
     @torch.no_grad()
     def zero_score_moments(self):
-        for module in self.modules:
-            for moment in self._moments(module.lora_score).values():
+        for param in score_parameters(self.modules):  # every module's score: each whole parameter, table or own
+            for moment in self._moments(param).values():
                 moment.zero_()
 
     def score_weight_decays(self):
         decay = {id(p): group.get("weight_decay", 0.0) for group in self.optimizer.param_groups for p in group["params"]}
-        return [decay.get(id(m.lora_score)) for m in self.modules]
+        return [decay.get(id(m.score_parameter)) for m in self.modules]
 
 
 def _copy_rows(dst: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
@@ -197,4 +197,13 @@ def _copy_cols(dst: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> N
 
 
 def _adapter_params(module: BeamLoRALinear):
-    return [("lora_A", module.lora_A), ("lora_B", module.lora_B), ("lora_score", module.lora_score)]
+    return [("lora_A", module.lora_A), ("lora_B", module.lora_B), ("lora_score", module.score_parameter)]
+
+
+def score_parameters(modules: Sequence[BeamLoRALinear]) -> List[torch.nn.Parameter]:
+    """The distinct parameters holding these modules' scores, in module order: one (modules x r) table after
+    apply(), one (r,) parameter per module for layers made on their own."""
+    seen: Dict[int, torch.nn.Parameter] = {}
+    for module in modules:
+        seen.setdefault(id(module.score_parameter), module.score_parameter)
+    return list(seen.values())

@@ -21,6 +21,23 @@ from .failpoints import kill_point
 
 STATE_FILE = "beamlora_state_rank{rank}.pt"
 PARTIAL = ".partial"  # suffix of a checkpoint folder still being written
+LAYOUT_WORDS = {"per_module": "in one parameter per module", "table": "in one (modules x r) table"}
+SCORE_LAYOUT_CHANGED = (
+    "Cannot resume from checkpoint {where!r}: it keeps the scores {saved}, this model keeps them {now} (a beamlora_ds "
+    "from before the model-level score table wrote it, docs/fused_score_design.md), so DeepSpeed's optimizer state "
+    "does not fit. Resume it with the beamlora_ds that wrote it, or export its adapter (beamlora-export reads both "
+    "layouts) and start a new run from there.")
+
+
+def check_score_layout(saved: Optional[dict], beam: BeamController, where: str) -> None:
+    """Refuse (on every process; call it on all) a controller state whose scores were kept in another layout than
+    `beam`'s: the optimizer state saved with it has another parameter list, which DeepSpeed and torch reject only
+    with an unhelpful message, after the load has started. `saved` None (no state here) passes."""
+    now = beam.score_layout
+    ok = saved is None or saved.get("score_layout", "per_module") == now  # absent: written before the score table
+    other = next(layout for layout in LAYOUT_WORDS if layout != now)  # two layouts: a mismatch is the other one
+    ranks.all_ranks_or_raise(ok, SCORE_LAYOUT_CHANGED.format(where=where, saved=LAYOUT_WORDS[other],
+                                                            now=LAYOUT_WORDS[now]), ValueError)
 
 
 def validate_tag(tag: str) -> str:
@@ -79,10 +96,11 @@ def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[s
     state_path = os.path.join(load_dir, tag, STATE_FILE.format(rank=ranks.rank()))
     ranks.all_ranks_or_raise(os.path.isfile(state_path), f"{state_path} is missing on some process: the checkpoint "
                              f"{tag!r} was not written by beamlora_ds.save_checkpoint with this number of processes.")
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    check_score_layout(state["beamlora"], beam, tag)
     path, client_state = engine.load_checkpoint(load_dir, tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag!r} from {load_dir!r}.")
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
     beam.load_state_dict(state["beamlora"])
     set_rng_state(state["rng"])
     return path, client_state

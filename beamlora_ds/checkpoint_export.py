@@ -21,6 +21,7 @@ from .adapter_format import (TENSOR_KEYS, AdapterState, fan_in_fan_out_of, targe
 from .atomic import out_dir_problem
 from .checkpoint import STATE_FILE
 from .merge import merge_state_into, save_merged
+from .score_table import TABLE_ATTRIBUTE
 from .trainer_export import adapter_state_from_folder, trainer_adapter_folder
 
 logger = logging.getLogger(__name__)
@@ -86,9 +87,13 @@ def adapter_state_from_checkpoint(checkpoint_dir: str, tag: Optional[str] = None
     state = AdapterState(r=int(config["r"]), alpha=float(config["alpha"]), tau=float(config["tau"]),
                          dropout=float(config.get("dropout", 0.0)))
     missing = []
-    for name in ctrl["module_names"]:
+    table = _lookup(weights, f"{TABLE_ATTRIBUTE}.lora_score")  # since the score table; before it: per module
+    table = _materialise(table) if table is not None else None
+    for index, name in enumerate(ctrl["module_names"]):
         for key in TENSOR_KEYS:
             found = _lookup(weights, f"{name}.{key}")
+            if found is None and key == "lora_score" and table is not None and index < table.shape[0]:
+                found = table[index]
             if found is None:
                 missing.append(f"{name}.{key}")
                 continue

@@ -121,7 +121,7 @@ class BeamController:
         target = optimizer_or_engine if optimizer_or_engine is not None else (
             self._stepped_ref() if self._stepped_ref is not None else None)
         if target is None:  # step() was never called: find the optimizer it should have been given
-            holders = optimizers_holding(m.lora_score for m in self.modules)
+            holders = optimizers_holding(m.score_parameter for m in self.modules)
             target = holders[0] if len(holders) == 1 else None
         steps = optimizer_steps(target, self.modules) if target is not None else None
         if steps is None or steps == self.global_step:
@@ -198,13 +198,20 @@ class BeamController:
         }
 
     # -------------------------------------------------------------------------------------------- resume
+    @property
+    def score_layout(self) -> str:
+        """"table": the scores live in the model's one score table (apply()); "per_module": each module owns its
+        own (layers made on their own, and every checkpoint written before the table, which has no such key)."""
+        return "per_module" if self.modules[0].score_row is None else "table"
+
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: step, snapshot (this process's shard), history, config.
 
         Reset randomness needs no RNG state: every permutation is drawn from a generator seeded by
         (seed, step, module index), so it is the same after a resume by construction.
         """
-        return {"version": STATE_VERSION, "global_step": self.global_step, "config": self.config.to_dict(),
+        return {"version": STATE_VERSION, "score_layout": self.score_layout, "global_step": self.global_step,
+                "config": self.config.to_dict(),
                 "module_names": list(self.module_names), "snapshot": self._snapshot,
                 "snapshot_step": self._snapshot_step, "history": list(self.history),
                 "nonfinite_loss_step": self._nonfinite_loss_step}

@@ -89,13 +89,26 @@ def adapter_state_from_model(model: nn.Module) -> AdapterState:
     if not modules:
         raise ValueError(NO_MODULES)
     state = AdapterState(*shared_settings(modules))
+    scores = {}  # each score parameter gathered once: a table holds every module's row
     for name, m in modules.items():
         expected = {"lora_A": (m.r, m.in_features), "lora_B": (m.out_features, m.r), "lora_score": (m.r,)}
         for key in TENSOR_KEYS:
-            tensor = full_fp32_param(getattr(m, key))
+            if key == "lora_score":
+                tensor = _score_of(m, scores)
+            else:
+                tensor = full_fp32_param(getattr(m, key))
             _check_shape(f"{name}.{key}", tensor, expected[key])
             getattr(state, key)[name] = tensor
     return state
+
+
+def _score_of(module, gathered: dict) -> torch.Tensor:
+    """`module`'s fp32 score logits, from its score parameter's full fp32 value (collective the first time)."""
+    param = module.score_parameter
+    if id(param) not in gathered:
+        gathered[id(param)] = full_fp32_param(param)
+    whole = gathered[id(param)]
+    return whole if module.score_row is None else whole[module.score_row].clone()
 
 
 def _check_shape(what: str, tensor: torch.Tensor, shape: Sequence[int]) -> None:

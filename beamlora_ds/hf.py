@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from . import ranks
 from .adapter_format import STATE_CONFIG, load_state
-from .checkpoint import STATE_FILE
+from .checkpoint import STATE_FILE, check_score_layout
 from .controller import BeamController
 from .adapter_format import write_adapter
 from .export import adapter_metadata, adapter_state_from_model, save_adapter
@@ -74,11 +74,25 @@ class BeamLoRATrainerMixin:
     yourself (`class MyTrainer(BeamLoRATrainerMixin, Trainer)`) if you prefer that to attach()'s class change."""
 
     def get_decay_parameter_names(self, model):
-        """The Trainer's choice minus every `lora_score`: the score re-weights ranks and is never decayed."""
+        """The Trainer's choice minus every `lora_score`: the score re-weights ranks and is never decayed. With
+        weight_decay 0 nothing is decayed, so every name is listed: one group, the other one empty (dropped by
+        create_optimizer), as optimizer_param_groups does (docs/fused_score_design.md)."""
+        if not self.args.weight_decay:
+            return [name for name, _ in model.named_parameters()]
         return [name for name in super().get_decay_parameter_names(model) if not name.endswith("lora_score")]
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer without empty parameter groups: under ZeRO each group is its own flat buffer
+        and collectives per step."""
+        optimizer = super().create_optimizer(model)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if isinstance(inner, torch.optim.Optimizer) and not inner.state:
+            inner.param_groups[:] = [group for group in inner.param_groups if group["params"]]
+        return optimizer
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self._beamlora_resume_from = resume_from_checkpoint  # the callback reads BeamLoRA's state from there
+        refuse_other_score_layout(self, resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def save_model(self, output_dir=None, _internal_call=False):
@@ -123,6 +137,23 @@ class BeamLoRATrainerMixin:
             load_adapter_into(self.model, best)
         else:
             super()._load_best_model()
+
+
+def refuse_other_score_layout(trainer, resume_from_checkpoint) -> None:
+    """Before the Trainer loads anything: a checkpoint whose BeamLoRA state keeps the scores in another layout
+    (written before the model-level score table) is refused with the way out; its optimizer state does not fit."""
+    if not resume_from_checkpoint:
+        return
+    folder = resume_from_checkpoint
+    if folder is True:
+        from transformers.trainer_utils import get_last_checkpoint
+        folder = get_last_checkpoint(trainer.args.output_dir)  # what the Trainer will pick (it raises on None)
+    beams = [cb.beam for cb in trainer.callback_handler.callbacks if isinstance(cb, BeamLoRACallback)]
+    if not folder or not beams:
+        return
+    path = os.path.join(folder, STATE_FILE.format(rank=trainer.args.process_index))
+    saved = torch.load(path, map_location="cpu", weights_only=False)["beamlora"] if os.path.isfile(path) else None
+    check_score_layout(saved, beams[0], folder)  # a missing file is reported by the callback at the first step
 
 
 def write_adapter_into(model_or_engine, folder: str, collective: bool = True) -> None:

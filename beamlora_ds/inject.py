@@ -13,6 +13,7 @@ from .apply_checks import check_model_before_apply
 from .config import BeamLoRAConfig
 from .controller import BeamController
 from .layer import WRAPPABLE, BeamLoRALinear, base_features, is_wrappable
+from .score_table import attach_score_table
 from .targets import model_type_of, recommended_targets
 
 
@@ -26,8 +27,9 @@ def matches_target(name: str, target_modules) -> bool:
 def apply(model: nn.Module, config: BeamLoRAConfig) -> BeamController:
     """Replace every matching linear layer in `model` (in place) by a BeamLoRALinear; return its controller.
 
-    Only `lora_A`, `lora_B` and `lora_score` stay trainable. Fails before changing anything when nothing
-    matches, a match is not a linear layer, or r does not fit a layer.
+    Only `lora_A`, `lora_B` and the scores stay trainable; the scores of all wrapped layers live in one
+    (modules x r) table, `model.beamlora_scores.lora_score` (docs/fused_score_design.md). Fails before changing
+    anything when nothing matches, a match is not a linear layer, or r does not fit a layer.
     """
     config.validate()
     check_model_before_apply(model)  # an engine, a model an engine took over, an optimizer built too early
@@ -43,6 +45,7 @@ def apply(model: nn.Module, config: BeamLoRAConfig) -> BeamController:
         layer = BeamLoRALinear(module, r=config.r, alpha=config.alpha, dropout=config.dropout, tau=config.tau)
         setattr(parent, child, layer)
         wrapped[name] = layer
+    attach_score_table(model, wrapped)
     return BeamController(wrapped, config)
 
 
@@ -85,11 +88,16 @@ def find_beamlora_modules(model: nn.Module) -> Dict[str, BeamLoRALinear]:
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float = 0.0) -> List[dict]:
-    """Trainable parameters for a torch optimizer: weight decay on A and B, never on the score (as the paper)."""
+    """Trainable parameters for a torch optimizer: weight decay on A and B, never on the score (as the paper).
+
+    With weight_decay 0 the two groups would be the same, so there is one: under ZeRO each group is one more flat
+    buffer, all-reduce and all-gather per step (docs/fused_score_design.md)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if name.endswith("lora_score") else decay).append(p)
+    if not weight_decay:
+        return [{"params": decay + no_decay, "weight_decay": 0.0}]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

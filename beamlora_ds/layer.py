@@ -88,7 +88,14 @@ class BeamLoRALinear(nn.Module):
     """Wraps `base_layer` (kept frozen) with trainable `lora_A` (r x in), `lora_B` (out x r), `lora_score` (r).
 
     The shapes are the same for every base type: for a Conv1D base only the base's own weight is transposed.
-    `fan_in_fan_out` (peft's name) records that the model stores the base weight in x out, for adapter_config.json."""
+    `fan_in_fan_out` (peft's name) records that the model stores the base weight in x out, for adapter_config.json.
+
+    A layer made on its own owns its score parameter. `apply()` moves the scores of all its layers into one
+    model-level table (`use_score_table`, docs/fused_score_design.md); `lora_score` then reads and writes this
+    layer's row of it (a view), and `score_parameter` / `score_row` name where the values live."""
+
+    _score_table = None  # the model's ScoreTable once apply() attached one (kept out of the module tree)
+    _score_index = None
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, tau: float = 0.05):
         super().__init__()
@@ -118,7 +125,44 @@ class BeamLoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
         nn.init.zeros_(self.lora_score)
 
+    @property
+    def lora_score(self) -> torch.Tensor:
+        """This layer's r score logits: its own parameter, or (after apply()) a view of its row of the table."""
+        own = self._parameters.get("lora_score")
+        if own is not None:
+            return own
+        if self._score_table is not None:
+            return self._score_table.lora_score[self._score_index]
+        raise AttributeError("lora_score")
+
+    @property
+    def score_parameter(self) -> nn.Parameter:
+        """The parameter that holds this layer's score: its own (r,), or the model's (modules x r) table."""
+        own = self._parameters.get("lora_score")
+        return own if own is not None else self._score_table.lora_score
+
+    @property
+    def score_row(self):
+        """This layer's row in `score_parameter`, or None when the layer owns its score."""
+        return None if "lora_score" in self._parameters else self._score_index
+
+    def use_score_table(self, table, index: int) -> None:
+        """Keep this layer's score in row `index` of `table` (its current values move there) instead of its own
+        parameter: the rank weights then come from the table's once-per-forward computation."""
+        own = self._parameters.get("lora_score")
+        if own is None:
+            raise ValueError("This BeamLoRALinear already uses a score table.")
+        if table.r != self.r or table.tau != self.tau:
+            raise ValueError(f"The score table has r={table.r}, tau={table.tau}; this layer r={self.r}, "
+                             f"tau={self.tau}. One table serves layers of one BeamLoRAConfig.")
+        with torch.no_grad():
+            table.lora_score[index].copy_(own)
+        del self._parameters["lora_score"]
+        self.__dict__["_score_table"], self.__dict__["_score_index"] = table, index  # not a submodule
+
     def rank_weights(self) -> torch.Tensor:
+        if self._score_table is not None:
+            return self._score_table.row(self._score_index)
         return rank_weights(self.lora_score, self.tau)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from .adapter_format import TENSOR_KEYS, AdapterState, delta_weight, shared_sett
 from .atomic import atomic_dir, out_dir_problem
 from .inject import find_beamlora_modules
 from .layer import is_conv1d, is_conv1d_layout
+from .score_table import detach_score_table
 from .zero_access import is_zero3_param
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,9 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     for name, m in modules.items():
         for key in TENSOR_KEYS:
             getattr(state, key)[name] = getattr(m, key).detach().float()
-    return merge_state_into(model, state, {name: m.base_layer for name, m in modules.items()})
+    merged = merge_state_into(model, state, {name: m.base_layer for name, m in modules.items()})
+    detach_score_table(merged)  # its scores are folded in; nothing reads it any more
+    return merged
 
 
 def merge_state_into(model: nn.Module, state: AdapterState, bases: Optional[Dict[str, nn.Module]] = None

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from . import ranks
-from .access import PlatformAccess, RankStats
+from .access import PlatformAccess, RankStats, score_parameters
 from .beam import ModuleReset
 from .flat_runs import Run, columns, gather_local, local_parts, rows, scatter_local, total
 from .layer import BeamLoRALinear
@@ -123,8 +123,7 @@ class ZeroAccess(PlatformAccess):
         if self.stage == 3:
             warn_if_adapters_not_persistent(self.modules, engine)
         for m in self.modules:
-            for name in ("lora_A", "lora_B", "lora_score"):
-                p = getattr(m, name)
+            for name, p in (("lora_A", m.lora_A), ("lora_B", m.lora_B), ("lora_score", m.score_parameter)):
                 if not p.requires_grad:
                     raise ValueError(f"{name} has requires_grad=False: DeepSpeed keeps no fp32 master for it, "
                                      "so BeamLoRA cannot edit it. Do not freeze adapter parameters.")
@@ -138,8 +137,9 @@ class ZeroAccess(PlatformAccess):
     def fragments(self) -> List[Dict[str, _Fragment]]:
         """Built fresh on each use: load_checkpoint may replace DeepSpeed's fragment mappings."""
         self._relink_stage12_moments()
-        return [{name: self._fragment_type(getattr(m, name)) for name in ("lora_A", "lora_B", "lora_score")}
-                for m in self.modules]
+        scores = {id(p): self._fragment_type(p) for p in score_parameters(self.modules)}  # a table: one for all
+        return [{"lora_A": self._fragment_type(m.lora_A), "lora_B": self._fragment_type(m.lora_B),
+                 "lora_score": scores[id(m.score_parameter)]} for m in self.modules]
 
     def _relink_stage12_moments(self) -> None:
         """After load_checkpoint, stage 1/2 loses the param -> moment links; rebuild them (local, cheap)."""
@@ -169,10 +169,13 @@ class ZeroAccess(PlatformAccess):
     def rank_stats(self, with_norms: bool) -> RankStats:
         n, r = len(self.modules), self.modules[0].r
         buffer = torch.zeros(3 if with_norms else 1, n, r, dtype=torch.float32)
+        score_values = {}  # each score fragment read once (a table is shared by every module)
         for m, (module, frags) in enumerate(zip(self.modules, self.fragments)):
             score = frags["lora_score"]
             if score.numel:
-                buffer[0, m, score.start: score.start + score.numel] = score.read()
+                if id(score) not in score_values:
+                    score_values[id(score)] = score.read()
+                gather_local(score_runs(module), score_values[id(score)], score.start, buffer[0, m])
             if with_norms:
                 for slot, name in ((1, "lora_A"), (2, "lora_B")):
                     frag = frags[name]
@@ -234,16 +237,17 @@ class ZeroAccess(PlatformAccess):
                 for key in keys:
                     frags[name].write(runs, values[(m, name, key)], key)
                 frags[name].write_working_copy(runs, values[(m, name, None)])
-            whole = [Run(0, module.r)]
-            frags["lora_score"].write(whole, new_logits[m])
-            frags["lora_score"].write_working_copy(whole, new_logits[m])
+            runs = score_runs(module)
+            frags["lora_score"].write(runs, new_logits[m])
+            frags["lora_score"].write_working_copy(runs, new_logits[m])
 
     @torch.no_grad()
     def zero_score_moments(self):
+        """Every module's score moments: each score parameter's whole local fragment (a table: all rows)."""
         keys = self.moment_keys()
-        for module, frags in zip(self.modules, self.fragments):
-            for key in keys:
-                frags["lora_score"].write([Run(0, module.r)], torch.zeros(module.r), key)
+        for frag in {id(f["lora_score"]): f["lora_score"] for f in self.fragments}.values():
+            for key in keys:  # what this process holds of the parameter, at once
+                frag.write([Run(frag.start, frag.numel)], torch.zeros(frag.numel), key)
 
     def score_weight_decays(self):
         """From DeepSpeed's own grouping of the trainable parameters, the same on every process: stage 1/2 keep
@@ -260,7 +264,7 @@ class ZeroAccess(PlatformAccess):
             to_group = getattr(self.optimizer, "sub_group_to_group_id", {})
             group_of = {id(p): to_group.get(i) for i, sub in enumerate(getattr(self.optimizer, "fp16_groups", []))
                         for p in sub}
-        indices = [group_of.get(id(m.lora_score)) for m in self.modules]
+        indices = [group_of.get(id(m.score_parameter)) for m in self.modules]
         return [groups[i].get("weight_decay", 0.0) if i is not None and i < len(groups) else None for i in indices]
 
     def all_processes_agree(self, checksum: float) -> bool:
@@ -270,13 +274,15 @@ class ZeroAccess(PlatformAccess):
 
 
 def persistence_threshold_for(modules: Sequence[BeamLoRALinear]) -> int:
-    """The smallest `stage3_param_persistence_threshold` that keeps every adapter tensor resident under ZeRO-3."""
-    return 1 + max(max(m.r * m.in_features, m.out_features * m.r) for m in modules)
+    """The smallest `stage3_param_persistence_threshold` that keeps every adapter tensor resident under ZeRO-3
+    (the score table included: it is read by every module)."""
+    scores = max(getattr(p, "ds_numel", p.numel()) for p in score_parameters(modules))
+    return 1 + max(scores, max(max(m.r * m.in_features, m.out_features * m.r) for m in modules))
 
 
 def warn_if_adapters_not_persistent(modules: Sequence[BeamLoRALinear], engine) -> None:
     """Partitioned adapter tensors are all-gathered by every forward and backward: say so, with the fix."""
-    params = [p for m in modules for p in (m.lora_A, m.lora_B, m.lora_score)]
+    params = [p for m in modules for p in (m.lora_A, m.lora_B)] + score_parameters(modules)
     gathered = [p for p in params if not getattr(p, "ds_persist", True)]
     if gathered and ranks.is_process_zero():  # the same on every process: one line, not one per GPU
         elements = sum(p.ds_numel for p in params)
@@ -285,6 +291,12 @@ def warn_if_adapters_not_persistent(modules: Sequence[BeamLoRALinear], engine) -
             "(hundreds of tiny collectives per step). Set zero_optimization.stage3_param_persistence_threshold >= %d "
             "to keep them resident, at %.1f MB per GPU (bf16).", len(gathered), len(params),
             persistence_threshold_for(modules), elements * 2 / 2**20)
+
+
+def score_runs(module: BeamLoRALinear) -> List[Run]:
+    """`module`'s r score logits as a flat run of its score parameter: its row of the table, or 0..r-1."""
+    row = module.score_row
+    return [Run((0 if row is None else row) * module.r, module.r)]
 
 
 def _slot_runs(module: BeamLoRALinear, slots: Sequence[int]):

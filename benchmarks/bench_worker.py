@@ -178,7 +178,7 @@ class Bench:
                                                            total_steps=total_steps, seed=seed))
             if method == "frozen":
                 for m in beam.modules:
-                    m.lora_score.requires_grad_(False)
+                    m.score_parameter.requires_grad_(False)
             adapters = {name: m.lora_A for name, m in zip(beam.module_names, beam.modules)}
             groups = [g for g in beamlora_ds.optimizer_param_groups(model, 0.0) if g["params"]]
             modules = [(m.in_features, m.out_features) for m in beam.modules]

@@ -11,8 +11,8 @@ lr, adapters resident under ZeRO-3):
   lora      stock peft LoRA
   frozen    our BeamLoRALinear with the score frozen and no controller: vanilla LoRA through our code (the
             frozen score is still a parameter, and ZeRO-3 still re-gathers it after every step)
-  beamlora  full BeamLoRA as launch/train.py runs it (optimizer_param_groups: A and B in one group, the scores
-            in another), beam.step(engine) after every engine.step()
+  beamlora  full BeamLoRA as launch/train.py runs it (the model's one score table; optimizer_param_groups at
+            weight decay 0: one group), beam.step(engine) after every engine.step()
 and trains them round-robin, one step each (the order rotated every step), so the same machine noise hits all.
 A step is timed from a barrier before the forward to a barrier after beam.step (every method passes the same
 barriers), so it is the slower process's time. Warm-up steps are left out. torch threads per process are the

@@ -259,8 +259,8 @@ def build(state: RunState):
 def announce(state: RunState):
     """One line on what is about to run; the log opened (a resume marked in it); the score before training."""
     args, beam, total = state.args, state.beam, state.total_steps
-    trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for m in beam.modules
-                    for p in (m.lora_A, m.lora_B, m.lora_score))
+    params = {id(p): p for m in beam.modules for p in (m.lora_A, m.lora_B, m.score_parameter)}  # one score table
+    trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params.values())
     logger.info("model %s | ZeRO-%d %s | %d processes | %d BeamLoRA modules, r=%d, %s trainable | %d examples | "
                 "%d steps (%d per epoch), micro-batch %d x accumulation %d | resets at %s",
                 state.path, state.stage, "bf16" if state.precision == "bf16" else "fp32", state.world,

@@ -39,3 +39,13 @@ def regression_batches(steps: int, seed: int = 0, batch: int = 16, model_seed: i
             layer.weight += torch.randn(out_f, 2, generator=g) @ torch.randn(2, in_f, generator=g) / 2
         xs = [torch.randn(batch, teacher.q_proj.in_features, generator=g) for _ in range(steps)]
         return [(x, teacher(x)) for x in xs]
+
+
+def optimizer_state_of(opt, module, key: str):
+    """The optimizer state `key` (exp_avg, step, ...) of `module`'s tensor `key`'s owner: for lora_A / lora_B the
+    parameter's own; for lora_score this module's row of the score table's state (or its own parameter's)."""
+    name, _, entry = key.partition(".")
+    if name != "lora_score":
+        return opt.state[getattr(module, name)][entry]
+    value = opt.state[module.score_parameter][entry]
+    return value if module.score_row is None or value.dim() == 0 else value[module.score_row]

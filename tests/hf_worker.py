@@ -73,12 +73,26 @@ def train(out: str, stop_at: int = 0, resume: bool = False, ds_stage: int = -1, 
     weights = {}
     for name, m in zip(beam.module_names, beam.modules):
         for key in ("lora_A", "lora_B", "lora_score"):
-            param = getattr(m, key)
+            param = m.score_parameter if key == "lora_score" else getattr(m, key)  # the scores: one table
             full = full_fp32(param) if ds is not None else None
-            weights[f"{name}.{key}"] = (full if full is not None else param.detach()).float().cpu().clone()
+            value = full if full is not None else param.detach()
+            if key == "lora_score" and m.score_row is not None:
+                value = value[m.score_row]
+            weights[f"{name}.{key}"] = value.float().cpu().clone()
     return {"history": [(r["step"], sorted(map(tuple, r["pruned"]))) for r in beam.history],
             "global_step": beam.global_step, "weights": weights, "process_index": trainer.args.process_index,
-            "decay": optimizer_weight_decay(trainer, model), "best": trainer.state.best_model_checkpoint}
+            "decay": optimizer_weight_decay(trainer, model), "best": trainer.state.best_model_checkpoint,
+            "param_groups": optimizer_group_count(trainer)}
+
+
+def optimizer_group_count(trainer):
+    """How many parameter groups the Trainer's optimizer has (None under DeepSpeed)."""
+    if ds_enabled(trainer):
+        return None
+    optimizer = trainer.optimizer
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return len(optimizer.param_groups)
 
 
 def optimizer_weight_decay(trainer, model) -> dict:

@@ -67,4 +67,4 @@ def test_snapshot_is_a_host_copy_and_a_reset_writes_only_its_targets():
     assert torch.equal(opt.state[module.lora_A]["exp_avg"][kept], before_avg[kept])
     assert torch.equal(module.lora_score.detach(), logits)
     access.zero_score_moments()
-    assert all(torch.count_nonzero(v) == 0 for k, v in opt.state[module.lora_score].items() if k != "step")
+    assert all(torch.count_nonzero(v) == 0 for k, v in opt.state[module.score_parameter].items() if k != "step")

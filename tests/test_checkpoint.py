@@ -45,3 +45,26 @@ def test_rng_state_round_trip_repeats_the_draws():
     set_rng_state(state)
     second = (random.random(), torch.rand(3))
     assert first[0] == second[0] and torch.equal(first[1], second[1])
+
+
+def test_a_checkpoint_from_before_the_score_table_is_refused_before_deepspeed_reads_it(tmp_path):
+    """Written before the table: the controller state has no `score_layout`, and DeepSpeed's optimizer partitions
+    hold one score parameter per module; loading must stop with the way out, not inside DeepSpeed."""
+    from beamlora_ds import BeamLoRAConfig, apply
+    from helpers import TwoLayerNet
+
+    beam = apply(TwoLayerNet(), BeamLoRAConfig(r=4, alpha=8.0, total_steps=40, interval=8))
+    old_state = beam.state_dict()
+    del old_state["score_layout"]
+    (tmp_path / "latest").write_text("global_step8")
+    (tmp_path / "global_step8").mkdir()
+    torch.save({"beamlora": old_state, "rng": rng_state()},
+               str(tmp_path / "global_step8" / checkpoint.STATE_FILE.format(rank=0)))
+
+    class EngineThatMustNotLoad:
+        def load_checkpoint(self, *args, **kwargs):
+            raise AssertionError("DeepSpeed was asked to load a checkpoint of the old layout")
+
+    with pytest.raises(ValueError, match="one parameter per module.*one \\(modules x r\\) table.*beamlora-export"):
+        load_checkpoint(EngineThatMustNotLoad(), beam, str(tmp_path))
+    assert beam.state_dict()["score_layout"] == "table"

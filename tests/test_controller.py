@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from beamlora_ds import BeamLoRAConfig, apply, optimizer_param_groups
-from helpers import TwoLayerNet, regression_batches
+from helpers import TwoLayerNet, optimizer_state_of, regression_batches
 
 
 def make_run(seed=0, **overrides):
@@ -39,10 +39,8 @@ def adapter_copy(beam, opt):
     for name, m in zip(beam.module_names, beam.modules):
         out[name] = {k: getattr(m, k).detach().clone() for k in ("lora_A", "lora_B", "lora_score")}
         for k in ("lora_A", "lora_B", "lora_score"):
-            st = opt.state[getattr(m, k)]
-            out[name][k + ".exp_avg"] = st["exp_avg"].clone()
-            out[name][k + ".exp_avg_sq"] = st["exp_avg_sq"].clone()
-            out[name][k + ".step"] = st["step"].clone()
+            for entry in ("exp_avg", "exp_avg_sq", "step"):
+                out[name][f"{k}.{entry}"] = optimizer_state_of(opt, m, f"{k}.{entry}").clone()
     return out
 
 

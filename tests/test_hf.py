@@ -106,6 +106,16 @@ def test_trainer_never_decays_the_score(tmp_path):
     assert {d for n, d in decay.items() if n.endswith(("lora_A", "lora_B"))} == {0.1}
 
 
+def test_trainer_without_weight_decay_builds_one_parameter_group(tmp_path):
+    """weight_decay=0: decayed and undecayed groups would be the same, so there is one (under ZeRO each group costs
+    its own flat buffer and collectives per step)."""
+    import hf_worker
+
+    result = hf_worker.train(str(tmp_path / "run"), weight_decay=0.0)
+    assert result["param_groups"] == 1
+    assert set(result["decay"].values()) == {0.0} and any(n.endswith("lora_score") for n in result["decay"])
+
+
 def test_beamlora_export_reads_trainer_checkpoints(tmp_path):
     """beamlora-export on a Trainer output_dir (its highest checkpoint-N) and on one checkpoint-N: stock peft loads
     the result onto a fresh base and reproduces the logits of the BeamLoRA model holding the run's final weights."""
@@ -127,8 +137,9 @@ def test_beamlora_export_reads_trainer_checkpoints(tmp_path):
     beam = beamlora_ds.apply(model, beamlora_ds.BeamLoRAConfig(r=4, alpha=8.0, dropout=0.05, interval=4,
                                                                total_steps=12, p0=0.7))
     with torch.no_grad():
-        for name, value in result["weights"].items():
-            model.get_parameter(name).copy_(value)
+        for name, value in result["weights"].items():  # <module>.<key>; lora_score is the module's table row
+            module_name, _, key = name.rpartition(".")
+            getattr(model.get_submodule(module_name), key).copy_(value)
     model.eval()
     ids = torch.randint(3, 60, (2, 10), generator=torch.Generator().manual_seed(0))
     expected = model(input_ids=ids).logits
@@ -200,6 +211,21 @@ def test_resume_from_a_checkpoint_in_another_folder(tmp_path):
         assert torch.allclose(resumed["weights"][name], value, rtol=1e-6, atol=1e-7), name
 
 
+def test_a_trainer_checkpoint_from_before_the_score_table_is_refused_before_loading(tmp_path):
+    """A checkpoint-N written before the model-level score table (its BeamLoRA state has no `score_layout`) holds an
+    optimizer state with one score parameter per module; train(resume_from_checkpoint=True) stops with the way
+    out before the Trainer loads it, instead of torch's or DeepSpeed's size mismatch."""
+    import hf_worker
+
+    hf_worker.train(str(tmp_path / "part"), stop_at=6)
+    path = tmp_path / "part" / "checkpoint-6" / "beamlora_state_rank0.pt"
+    state = torch.load(str(path), weights_only=False)
+    del state["beamlora"]["score_layout"]
+    torch.save(state, str(path))
+    with pytest.raises(ValueError, match="checkpoint-6.*one parameter per module.*beamlora-export"):
+        hf_worker.train(str(tmp_path / "part"), resume=True)
+
+
 def test_adapter_only_states_load_strictly_and_nothing_else_does():
     """The hook attach() registers: a state missing only frozen tensors (all of them, or all but a tied output
     embedding, which DeepSpeed keeps under its second name) loads strictly; a missing adapter tensor still fails."""
@@ -231,7 +257,7 @@ def test_the_trainer_methods_beamlora_overrides_still_exist_with_their_signature
 
     from beamlora_ds.hf import BeamLoRATrainerMixin
 
-    for name in ("get_decay_parameter_names", "save_model", "train", "_save_optimizer_and_scheduler",
+    for name in ("get_decay_parameter_names", "create_optimizer", "save_model", "train", "_save_optimizer_and_scheduler",
                  "_load_from_checkpoint", "_load_best_model"):
         ours = list(inspect.signature(getattr(BeamLoRATrainerMixin, name)).parameters)
         theirs = list(inspect.signature(getattr(Trainer, name)).parameters)

@@ -18,7 +18,8 @@ def test_default_targets_wrap_all_projections_and_freeze_the_rest():
     assert beam.module_names[0] == "model.layers.0.self_attn.q_proj"
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.rsplit(".", 1)[1] in ("lora_A", "lora_B", "lora_score") for n in trainable)
-    assert len(trainable) == 3 * 14
+    assert len(trainable) == 2 * 14 + 1  # A and B per module, one (modules x r) score table
+    assert model.beamlora_scores.lora_score.shape == (14, 4) and "beamlora_scores.lora_score" in trainable
     assert sum(p.numel() for p in model.parameters() if not p.requires_grad) == n_frozen
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, BeamLoRALinear) and isinstance(q.base_layer, torch.nn.Linear)

@@ -65,7 +65,9 @@ def train_and_export(stage, out_dir, rank):
     with torch.no_grad():
         logits = engine(input_ids=fixed).logits.float().cpu()
     weights = {f"{name}.{key}": full_fp32(getattr(m, key), stage)
-               for name, m in zip(beam.module_names, beam.modules) for key in ("lora_A", "lora_B", "lora_score")}
+               for name, m in zip(beam.module_names, beam.modules) for key in ("lora_A", "lora_B")}
+    table = full_fp32(beam.modules[0].score_parameter, stage)  # the scores: one (modules x r) table, row = module
+    weights.update({f"{name}.lora_score": table[m.score_row] for name, m in zip(beam.module_names, beam.modules)})
 
     adapter_dir = os.path.join(out_dir, f"adapter{stage}")
     save_adapter(engine, adapter_dir, base_model_name_or_path=os.path.join(out_dir, "base"))

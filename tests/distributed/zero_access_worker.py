@@ -106,8 +106,10 @@ def train_zero(run: dict, dist) -> dict:
     weights = {}
     for name, m in zip(beam.module_names, beam.modules):
         for key in ("lora_A", "lora_B", "lora_score"):
-            p = getattr(m, key)
+            p = m.score_parameter if key == "lora_score" else getattr(m, key)  # the scores: one (modules x r) table
             full = safe_get_full_fp32_param(p) if run["stage"] > 0 else p.detach()  # stage 0: whole, no master
+            if key == "lora_score" and m.score_row is not None:
+                full = full[m.score_row]
             weights[f"{name}.{key}"] = full.float().cpu().clone()
     mean_losses = torch.tensor(losses)
     dist.all_reduce(mean_losses)
