@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tensor_parallel import COLUMN, ROW, TensorParallelSplit, copy_to_group, reduce_from_group
+
 
 def rank_weights(score: torch.Tensor, tau: float) -> torch.Tensor:
     """w = r * softmax(score / tau), always in fp32 so bf16 training cannot distort the ranking."""
@@ -96,6 +98,7 @@ class BeamLoRALinear(nn.Module):
 
     _score_table = None  # the model's ScoreTable once apply() attached one (kept out of the module tree)
     _score_index = None
+    tensor_parallel = None  # a TensorParallelSplit once split_for_tensor_parallel() split this layer
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, tau: float = 0.05):
         super().__init__()
@@ -168,9 +171,37 @@ class BeamLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)
+        split = self.tensor_parallel
+        if split is not None and split.kind == ROW:  # each process multiplied its slice of x: sum the parts
+            h = reduce_from_group(h, split.group)
         h = h * self.rank_weights().to(h.dtype)
+        if split is not None and split.kind == COLUMN:  # each process's B slice sees h: their gradients add up
+            h = copy_to_group(h, split.group)
         delta = F.linear(h, self.lora_B) * self.scaling
         return result + delta.to(result.dtype)
+
+    def split_for_tensor_parallel(self, split: TensorParallelSplit, base_layer: nn.Module) -> None:
+        """Put this layer on a tensor-parallel base: `base_layer` replaces the base (already split as `split`
+        says), and the adapter factor on the split side keeps only this process's slice (B's rows on a column
+        base, A's columns on a row base); the rank dimension and the score are never split
+        (docs/tensor_parallel.md)."""
+        if self.tensor_parallel is not None:
+            raise ValueError("This BeamLoRALinear is already split for tensor parallelism.")
+        if not isinstance(self.lora_dropout, nn.Identity):
+            raise ValueError("LoRA dropout under tensor parallelism is not supported: the processes of a tensor-"
+                             "parallel group would draw different masks for the same replicated input, and the "
+                             "replicated adapter would drift apart. Set dropout to 0.")
+        full = self.out_features if split.kind == COLUMN else self.in_features
+        if sum(split.sizes) != full:
+            raise ValueError(f"The split sizes {split.sizes} add up to {sum(split.sizes)}, but this layer's "
+                             f"{'output' if split.kind == COLUMN else 'input'} has {full} features.")
+        factor = getattr(self, split.split_factor)
+        local = factor.detach().narrow(split.split_dim, split.offset, split.local_size).clone()
+        factor.data = local  # the same Parameter object: optimizers and hooks that hold it stay valid
+        self.base_layer = base_layer
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        self.tensor_parallel = split
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
