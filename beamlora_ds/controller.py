@@ -20,6 +20,7 @@ from .config import RESUME_FIELDS, BeamLoRAConfig
 from .failpoints import kill_point
 from .layer import BeamLoRALinear
 from .support import check_engine_support
+from .tensor_parallel import sum_split_norms
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,12 @@ class BeamController:
             _log(logging.WARNING, "%s", problem)
         return problem
 
+    def _rank_stats(self, access: PlatformAccess, with_norms: bool) -> RankStats:
+        stats = access.rank_stats(with_norms)
+        if with_norms:  # a factor split for tensor parallelism: each process read only its slice's part
+            sum_split_norms(stats.a_row_sq, stats.b_col_sq, self.modules)
+        return stats
+
     def _importance(self, stats: RankStats) -> torch.Tensor:
         if self.config.importance == "score":
             return beam.score_importance(stats.logits, self.config.tau)
@@ -148,7 +155,7 @@ class BeamController:
         cfg = self.config
         bytes_before = access.all_reduce_bytes
         keep = beam.keep_fraction(step, cfg.p0, cfg.resolved_t_end)
-        stats = access.rank_stats(with_norms=cfg.importance == "norm")
+        stats = self._rank_stats(access, with_norms=cfg.importance == "norm")
         logits, importance = stats.logits, self._importance(stats)
         skipped = None
         if self._nonfinite_loss_step is not None:
@@ -182,7 +189,7 @@ class BeamController:
 
     def _record(self, step, keep, plans, importance, new_logits, access) -> dict:
         if self.config.importance == "norm":  # A and B changed: read them again
-            importance_after = self._importance(access.rank_stats(with_norms=True))
+            importance_after = self._importance(self._rank_stats(access, with_norms=True))
         else:  # the new logits are known here: no second read
             importance_after = importance.clone()
             for m, row in new_logits.items():

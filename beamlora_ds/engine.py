@@ -8,6 +8,7 @@ from typing import Iterable, Optional, Tuple
 import torch
 
 from . import ds_config as dsc
+from .autotp import autotp_size
 from .failpoints import kill_point
 from .inject import optimizer_param_groups
 from .lr_schedule import lr_lambda
@@ -35,18 +36,22 @@ def initialize_engine(model, modules, ds_config: dict, *, world_size: int, learn
     if "scheduler" not in config:
         scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(
             opt, lr_lambda(lr_scheduler_type, warmup_steps, total_steps)))
+    mpu = None
+    if autotp_size(config) > 1:  # DeepSpeed's groups: the batch arithmetic counts data-parallel replicas
+        from deepspeed.utils import groups as mpu
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=groups,
-                                           lr_scheduler=scheduler, config=config)
+                                           lr_scheduler=scheduler, config=config, mpu=mpu)
     return engine, config
 
 
 def optimizer_step(engine, micro_batches: Iterable[dict], step: int, world_size: int = 1,
-                   dist=None) -> Tuple[float, float, int]:
+                   dist=None, replicas: Optional[int] = None) -> Tuple[float, float, int]:
     """Forward, backward and `engine.step()` for each micro-batch of one optimizer step (gradient accumulation).
 
     Returns (the loss of the whole global batch: the mean over micro-batches and over processes, the same number
     on every process; the learning rate; the tokens all processes trained on). `dist` (deepspeed.comm) is needed
-    when `world_size` > 1. `step` names the step for the kill-and-resume tests' crash point."""
+    when `world_size` > 1. `step` names the step for the kill-and-resume tests' crash point. `replicas`: the
+    data-parallel replicas (world_size / tensor-parallel degree; default world_size), which see different data."""
     tokens, losses = 0, []
     for batch in micro_batches:
         batch = {k: v.to(engine.device) for k, v in batch.items()}
@@ -54,7 +59,7 @@ def optimizer_step(engine, micro_batches: Iterable[dict], step: int, world_size:
         engine.backward(loss)
         kill_point("step", step)
         engine.step()
-        tokens += int(batch["attention_mask"].sum()) * world_size
+        tokens += int(batch["attention_mask"].sum()) * (replicas or world_size)
         losses.append(loss.item())
     loss_value, lr = sum(losses) / len(losses), engine.get_lr()[0]
     if world_size > 1:  # the loss of the whole global batch (mean over processes), not this process's share

@@ -9,8 +9,15 @@ import torch
 
 def exact_match(model, tokenizer, rows: Sequence[Dict[str, str]], template: str, *, rank: int = 0,
                 world_size: int = 1, batch_size: int = 16, max_new_tokens: int = 8, synced_gpus: bool = False,
-                all_reduce=None) -> float:
-    """Fraction of rows whose generated answer (up to the first newline or eos) equals the response exactly."""
+                all_reduce=None, logits_processors=()) -> float:
+    """Fraction of rows whose generated answer (up to the first newline or eos) equals the response exactly.
+    `logits_processors`: callables (input_ids, scores) -> scores given to generate, e.g. the one that gathers a
+    vocabulary-parallel head's logits under tensor parallelism (autotp.vocab_gathering_processors)."""
+    extra = {}
+    if logits_processors:
+        from transformers import LogitsProcessorList
+
+        extra["logits_processor"] = LogitsProcessorList(logits_processors)
     per_rank = len(rows) // world_size
     mine = list(rows[rank * per_rank:(rank + 1) * per_rank])
     device = next(model.parameters()).device
@@ -25,7 +32,7 @@ def exact_match(model, tokenizer, rows: Sequence[Dict[str, str]], template: str,
             with torch.no_grad():
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                      max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                     synced_gpus=synced_gpus)
+                                     synced_gpus=synced_gpus, **extra)
             for row, generated in zip(batch, out[:, ids.shape[1]:]):
                 correct += int(_answer(tokenizer, generated) == row["response"].strip())
     finally:

@@ -20,6 +20,7 @@ from .adapter_format import (TENSOR_KEYS, AdapterState, base_model_name_of, shar
 from .atomic import out_dir_problem
 from .controller import controller_of
 from .inject import find_beamlora_modules
+from .tensor_parallel import gather_split
 from .zero_access import full_fp32_param
 
 # Names that lived in this module before it was split by job (docs/architecture.md), kept importable from here so
@@ -97,6 +98,8 @@ def adapter_state_from_model(model: nn.Module) -> AdapterState:
                 tensor = _score_of(m, scores)
             else:
                 tensor = full_fp32_param(getattr(m, key))
+                if m.tensor_parallel is not None and key == m.tensor_parallel.split_factor:
+                    tensor = gather_split(tensor, m.tensor_parallel)  # the slices of the tensor-parallel group
             _check_shape(f"{name}.{key}", tensor, expected[key])
             getattr(state, key)[name] = tensor
     return state

@@ -180,6 +180,18 @@ class BeamLoRALinear(nn.Module):
         delta = F.linear(h, self.lora_B) * self.scaling
         return result + delta.to(result.dtype)
 
+    @property
+    def local_in_features(self) -> int:
+        """Columns of this process's lora_A: its slice of the input on a row-parallel base, else in_features."""
+        split = self.tensor_parallel
+        return split.local_size if split is not None and split.kind == ROW else self.in_features
+
+    @property
+    def local_out_features(self) -> int:
+        """Rows of this process's lora_B: its slice of the output on a column-parallel base, else out_features."""
+        split = self.tensor_parallel
+        return split.local_size if split is not None and split.kind == COLUMN else self.out_features
+
     def split_for_tensor_parallel(self, split: TensorParallelSplit, base_layer: nn.Module) -> None:
         """Put this layer on a tensor-parallel base: `base_layer` replaces the base (already split as `split`
         says), and the adapter factor on the split side keeps only this process's slice (B's rows on a column

@@ -113,6 +113,15 @@ def meta_skeleton(path: str) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
 
 
+def load_config(path: str):
+    """The model's config alone (no weights), for checks before loading."""
+    if path == BUILTIN_TINY:
+        return tiny_llama_config()
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
 def tiny_llama_config():
     """The built-in tiny model's architecture (a 2-layer Llama over the character tokenizer's vocabulary)."""
     from transformers import LlamaConfig

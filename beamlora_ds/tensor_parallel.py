@@ -96,3 +96,52 @@ def copy_to_group(x: torch.Tensor, group) -> torch.Tensor:
 
 def reduce_from_group(x: torch.Tensor, group) -> torch.Tensor:
     return _ReduceFromGroup.apply(x, group)
+
+
+def _comm_device(group) -> torch.device:
+    """Where a tensor must be for a collective on `group`: NCCL reduces only GPU tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def gather_along(local: torch.Tensor, sizes: Tuple[int, ...], dim: int, group) -> torch.Tensor:
+    """The whole tensor from every process's slice along `dim` (collective over the group, uneven `sizes`
+    allowed): each slice is padded to the largest, all-gathered, and cut back."""
+    dim = dim % local.dim()
+    padded_shape = list(local.shape)
+    padded_shape[dim] = max(sizes)
+    padded = local.new_zeros(padded_shape)
+    padded.narrow(dim, 0, local.shape[dim]).copy_(local)
+    padded = padded.to(_comm_device(group))
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    whole = torch.cat([part.narrow(dim, 0, size) for part, size in zip(parts, sizes)], dim=dim)
+    return whole.to(local.device)
+
+
+def gather_split(local: torch.Tensor, split: TensorParallelSplit) -> torch.Tensor:
+    """The whole split factor (A or B) from every process's slice: for export."""
+    return gather_along(local, split.sizes, split.split_dim, split.group)
+
+
+@torch.no_grad()
+def sum_split_norms(a_row_sq: torch.Tensor, b_col_sq: torch.Tensor, modules) -> None:
+    """The norm criterion's squared row norms of A and column norms of B, (modules x r), read from this process's
+    tensors: where the factor is split, each process holds only its slice's part of the sum, so those rows are
+    summed over the tensor-parallel group (one all-reduce for all modules; the score criterion needs none, the
+    score is replicated)."""
+    split_rows = [(i, m.tensor_parallel) for i, m in enumerate(modules) if m.tensor_parallel is not None]
+    if not split_rows:
+        return
+    groups = {id(split.group) for _, split in split_rows}
+    if len(groups) != 1:
+        raise ValueError("BeamLoRA modules split over different tensor-parallel groups; one group is supported.")
+    group = split_rows[0][1].group
+    parts = torch.stack([(a_row_sq if split.kind == ROW else b_col_sq)[i] for i, split in split_rows])
+    parts = parts.to(_comm_device(group))
+    dist.all_reduce(parts, group=group)
+    parts = parts.to(a_row_sq.device)
+    for (i, split), part in zip(split_rows, parts):
+        (a_row_sq if split.kind == ROW else b_col_sq)[i] = part

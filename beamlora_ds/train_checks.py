@@ -15,6 +15,7 @@ import re
 
 from . import ds_config as dsc
 from . import inject, models
+from .autotp import autotp_size, tensor_parallel_problem
 from .config import RESUME_FIELDS, BeamLoRAConfig, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,38 @@ def from_cli(args, key: str, config: dict, config_key: str, default):
     if config.get(config_key, "auto") != "auto":
         return None
     return default
+
+
+def fill_defaults(args, builtin_defaults: dict, paper_defaults: dict):
+    """Built-in defaults for the offline demo, the paper's otherwise; explicit flags always win."""
+    args.builtin = args.model_name_or_path is None and args.dataset is None
+    args.explicit = sorted(k for k, v in vars(args).items() if v is not None)
+    for key, value in (builtin_defaults if args.builtin else paper_defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.output_dir is None:
+        raise UsageError("--output_dir is required when a model or dataset is given.")
+    return args
+
+
+def tensor_parallel_degree(args, raw_config: dict) -> int:
+    """The DeepSpeed config's tensor-parallel degree (autotp_size). Under tensor parallelism the LoRA dropout
+    defaults to 0 (it needs 0, docs/tensor_parallel.md); a dropout given on the command line is refused later."""
+    tp = autotp_size(raw_config)
+    if tp > 1 and "lora_dropout" not in args.explicit and args.lora_dropout:
+        args.lora_dropout = 0.0
+    return tp
+
+
+def check_tensor_parallel(tp: int, world_size: int, args=None, beam_config=None, model_config=None) -> None:
+    """What tensor parallelism cannot train, refused before loading: autotp_size and the processes; with `args`
+    4-bit and dropout, with `beam_config` fused targets, with `model_config` the heads."""
+    problem = tensor_parallel_problem(
+        tp, world_size, model_config, four_bit=args is not None and args.quantization == "nf4",
+        dropout=args.lora_dropout if args is not None else 0.0,
+        targets=beam_config.target_modules if beam_config is not None else ())
+    if problem:
+        raise UsageError(problem)
 
 
 def resolve_batch(args, raw_config: dict, world_size: int) -> dict:

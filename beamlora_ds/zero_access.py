@@ -181,7 +181,7 @@ class ZeroAccess(PlatformAccess):
                     frag = frags[name]
                     if frag.numel:
                         positions = torch.arange(frag.start, frag.start + frag.numel)
-                        rank = positions // module.in_features if name == "lora_A" else positions % module.r
+                        rank = positions // module.local_in_features if name == "lora_A" else positions % module.r
                         buffer[slot, m].index_add_(0, rank, frag.read().pow(2))
         buffer = self._all_reduce(buffer)
         if with_norms:
@@ -300,8 +300,10 @@ def score_runs(module: BeamLoRALinear) -> List[Run]:
 
 
 def _slot_runs(module: BeamLoRALinear, slots: Sequence[int]):
-    """The rank slots `slots` of a module as flat runs: rows of A (r x d_in), columns of B (d_out x r)."""
-    return (("lora_A", rows(slots, module.in_features)), ("lora_B", columns(slots, module.out_features, module.r)))
+    """The rank slots `slots` of a module as flat runs: rows of A (r x d_in), columns of B (d_out x r), of this
+    process's tensors (under tensor parallelism its slice of the split one)."""
+    return (("lora_A", rows(slots, module.local_in_features)),
+            ("lora_B", columns(slots, module.local_out_features, module.r)))
 
 
 def is_zero3_param(param: torch.Tensor) -> bool:

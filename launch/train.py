@@ -31,7 +31,9 @@ from beamlora_ds.engine import all_reduce_to_cpu, initialize_engine, optimizer_s
 from beamlora_ds.processes import release_shm_buffers  # noqa: E402
 from beamlora_ds.run_log import RunLog  # noqa: E402
 from beamlora_ds.train_checks import (UsageError, show_defaults, check_arguments, check_output_dir,  # noqa: E402
-                                      check_targets_before_loading, make_beam_config, resolve_batch)
+                                      fill_defaults,
+                                      check_targets_before_loading, check_tensor_parallel, make_beam_config,
+                                      resolve_batch, tensor_parallel_degree)
 
 logger = logging.getLogger("beamlora_ds.train")
 
@@ -124,18 +126,6 @@ def _training_and_output_options(p):
                    help="checkpoint and exit after this step (to fit a job time limit; continue with --resume)")
 
 
-def fill_defaults(args):
-    """Built-in defaults for the offline demo, the paper's otherwise; explicit flags always win."""
-    args.builtin = args.model_name_or_path is None and args.dataset is None
-    args.explicit = sorted(k for k, v in vars(args).items() if v is not None)
-    for key, value in (BUILTIN_DEFAULTS if args.builtin else PAPER_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.output_dir is None:
-        raise UsageError("--output_dir is required when a model or dataset is given.")
-    return args
-
-
 @dataclass
 class RunState:
     """What the phases share: check() fills the settings, read_inputs() and plan() the data and the run's length,
@@ -150,6 +140,7 @@ class RunState:
     name: str = ""  # the model to load, built-in names resolved
     rank: int = 0
     world: int = 1
+    tp: int = 1  # tensor-parallel degree (DeepSpeed AutoTP); the data-parallel replicas are world / tp
     dist: Any = None
     path: Optional[str] = None
     tokenizer: Any = None
@@ -164,6 +155,8 @@ class RunState:
     saved_step: Optional[int] = None  # the step of the newest checkpoint written (or resumed from)
     before: Optional[float] = None  # exact match before training
 
+    replicas = property(lambda self: self.world // self.tp)  # data-parallel; a tensor-parallel group reads the
+    replica = property(lambda self: self.rank // self.tp)  # same batches (its tp ranks are consecutive)
     micro = property(lambda self: self.config["train_micro_batch_size_per_gpu"])
     accum = property(lambda self: self.config["gradient_accumulation_steps"])
     dtype = property(lambda self: torch.bfloat16 if self.precision == "bf16" else torch.float32)
@@ -174,14 +167,16 @@ class RunState:
 def check(args) -> RunState:
     """Every refusal that needs neither the data nor the model nor another process, cheapest first."""
     check_arguments(args)
+    raw_config = dsc.load_ds_config(args.ds_config)
+    tp = tensor_parallel_degree(args, raw_config)
     # the run's length is known once the data is read; until then a stand-in long enough for any valid interval
     early_beam_config = make_beam_config(args, args.max_steps if args.max_steps > 0 else max(2 * args.interval, 1))
-    raw_config = dsc.load_ds_config(args.ds_config)
     stage = dsc.zero_stage(raw_config)
-    state = RunState(args, check_output_dir(args), raw_config, stage, early_beam_config)
+    state = RunState(args, check_output_dir(args), raw_config, stage, early_beam_config, tp=tp)
     # with the world size the launcher announces: refused here, no process waits for the others to start
     state.world = processes.launched_world_size(os.environ)
-    state.config = resolve_batch(args, raw_config, state.world)
+    check_tensor_parallel(tp, state.world, args, early_beam_config)
+    state.config = resolve_batch(args, raw_config, state.replicas)
     state.precision = dsc.precision(state.config)
     support.check_zero_support(stage, state.precision, dsc.offload_param_device(raw_config), cli=True,
                                four_bit=args.quantization == "nf4")
@@ -198,6 +193,7 @@ def read_inputs(state: RunState, path: str):
     """--target_modules and --lora_r checked on the model's architecture; its tokenizer; the tokenized data."""
     args = state.args
     check_targets_before_loading(path, state.beam_config)
+    check_tensor_parallel(state.tp, state.world, model_config=models.load_config(path) if state.tp > 1 else None)
     state.path, state.tokenizer = path, models.load_tokenizer(path)
     rows = data_lib.load_examples(args.dataset, args.dataset_split, args.prompt_field, args.response_field,
                                   seed=args.seed)
@@ -207,10 +203,10 @@ def read_inputs(state: RunState, path: str):
 def plan(state: RunState):
     """The run's length from the data and the world size, and the BeamLoRA config that depends on it."""
     args = state.args
-    state.per_epoch = data_lib.steps_per_epoch(len(state.examples), state.micro, state.world, state.accum)
+    state.per_epoch = data_lib.steps_per_epoch(len(state.examples), state.micro, state.replicas, state.accum)
     if state.per_epoch == 0:
         raise UsageError(f"{len(state.examples)} examples make no full optimizer step of {state.micro} x "
-                         f"{state.accum} x {state.world} processes; lower the batch size or add data.")
+                         f"{state.accum} x {state.replicas} data-parallel replicas; lower the batch size or add data.")
     state.total_steps = args.max_steps if args.max_steps > 0 else int(state.per_epoch * args.num_train_epochs)
     state.beam_config = make_beam_config(args, state.total_steps)
 
@@ -225,7 +221,8 @@ def connect(state: RunState):
 
     state.dist = dist
     if state.world != announced:
-        state.config = resolve_batch(state.args, state.raw_config, state.world)
+        check_tensor_parallel(state.tp, state.world)
+        state.config = resolve_batch(state.args, state.raw_config, state.replicas)
     # on every process, whatever its own cache showed before connecting: the conversion's barrier must pair up
     path = models.model_path(state.name, state.rank, barrier=dist.barrier)
     if state.examples is None:
@@ -243,8 +240,9 @@ def build(state: RunState):
         state.beam = beamlora_ds.apply(model, state.beam_config)
     except (ValueError, TypeError) as e:  # targets that match nothing, r too large for a layer, ...
         raise UsageError(str(e)) from e
+    beamlora_ds.prepare_tensor_parallel(model, state.config)  # nothing without tensor_parallel.autotp_size
     state.engine, state.config = initialize_engine(
-        model, state.beam.modules, state.config, world_size=state.world, learning_rate=args.learning_rate,
+        model, state.beam.modules, state.config, world_size=state.replicas, learning_rate=args.learning_rate,
         weight_decay=args.weight_decay, lr_scheduler_type=args.lr_scheduler_type, total_steps=state.total_steps,
         warmup_steps=state.warmup)
     if state.rank == 0:
@@ -261,9 +259,10 @@ def announce(state: RunState):
     args, beam, total = state.args, state.beam, state.total_steps
     params = {id(p): p for m in beam.modules for p in (m.lora_A, m.lora_B, m.score_parameter)}  # one score table
     trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params.values())
-    logger.info("model %s | ZeRO-%d %s | %d processes | %d BeamLoRA modules, r=%d, %s trainable | %d examples | "
+    logger.info("model %s | ZeRO-%d %s | %d processes%s | %d BeamLoRA modules, r=%d, %s trainable | %d examples | "
                 "%d steps (%d per epoch), micro-batch %d x accumulation %d | resets at %s",
                 state.path, state.stage, "bf16" if state.precision == "bf16" else "fp32", state.world,
+                f" (tensor parallel {state.tp} x data parallel {state.replicas})" if state.tp > 1 else "",
                 len(beam.modules), args.lora_r, f"{trainable:,}", len(state.examples), total, state.per_epoch,
                 state.micro, state.accum,
                 [t for t in range(1, total + 1) if beamlora_ds.beam.is_reset_step(t, args.interval, total)])
@@ -282,8 +281,9 @@ def evaluate(state: RunState, label: str) -> Optional[float]:
         return None
     engine = state.engine
     score = exact_match(engine.module, state.tokenizer, state.eval_rows, state.args.prompt_template,
-                        rank=state.rank, world_size=state.world, synced_gpus=state.stage == 3,
-                        all_reduce=lambda t: all_reduce_to_cpu(state.dist, t, engine.device))
+                        rank=state.replica, world_size=state.replicas, synced_gpus=state.stage == 3,
+                        all_reduce=lambda t: all_reduce_to_cpu(state.dist, t, engine.device),
+                        logits_processors=beamlora_ds.autotp.vocab_gathering_processors(engine.module))
     state.log.write({"type": "eval", "when": label, "step": state.beam.global_step, "exact_match": score},
                     f"exact match {label} training: {score:.1%} ({len(state.eval_rows)} held-out questions)")
     return score
@@ -294,7 +294,7 @@ def train_step(state: RunState, step: int, batches) -> tuple:
     """One optimizer step: (loss of the whole global batch, lr, tokens); a non-finite loss is logged."""
     micro_batches = (data_lib.collate([state.examples[i] for i in next(batches)], state.tokenizer.pad_token_id)
                      for _ in range(state.accum))
-    loss, lr, tokens = optimizer_step(state.engine, micro_batches, step, state.world, state.dist)
+    loss, lr, tokens = optimizer_step(state.engine, micro_batches, step, state.world, state.dist, state.replicas)
     if not math.isfinite(loss):
         state.log.nonfinite_loss(step, loss, state.engine.was_step_applied())
     return loss, lr, tokens
@@ -303,7 +303,7 @@ def train_step(state: RunState, step: int, batches) -> tuple:
 def train(state: RunState) -> bool:
     """From the first step not done yet to the end; False when --stop_after ended it (checkpointed) early."""
     args, total = state.args, state.total_steps
-    batches = data_lib.micro_batches(len(state.examples), state.micro, state.world, state.rank, args.seed,
+    batches = data_lib.micro_batches(len(state.examples), state.micro, state.replicas, state.replica, args.seed,
                                      start_micro_step=state.start_step * state.accum)
     tick = time.time()
     for step in range(state.start_step + 1, total + 1):
@@ -362,7 +362,7 @@ def configure_logging():
 def run(argv=None):
     """check -> read the data and the architecture (now, unless the model must first be converted) -> connect
     the processes -> build -> train -> finish."""
-    args = fill_defaults(parse_args(argv))
+    args = fill_defaults(parse_args(argv), BUILTIN_DEFAULTS, PAPER_DEFAULTS)
     configure_logging()
     state = check(args)
     path = models.ready_path(state.name)
