@@ -75,6 +75,45 @@ def fp32_weights_from_checkpoint(tag_dir: str, checkpoint_dir: str, tag: str) ->
     return module
 
 
+def _slices(layout: dict) -> int:
+    return len(next(iter(layout.values()))[1])
+
+
+def fp32_weights_of_slice(tag_dir: str, tp_rank: int) -> Dict[str, torch.Tensor]:
+    """The fp32 weights of one tensor-parallel slice of a checkpoint: DeepSpeed writes each slice's model and
+    optimizer files with `mp_rank_XX` in the name, which zero_to_fp32 does not tell apart; so the slice's files
+    are linked into a scratch folder under the names of a checkpoint without tensor parallelism, and read there."""
+    import tempfile
+
+    mine = f"mp_rank_{tp_rank:02d}"
+    files = [f for f in os.listdir(tag_dir) if mine in f]
+    if not files:
+        raise FileNotFoundError(f"{tag_dir!r} has no files of tensor-parallel slice {tp_rank} ({mine}_*).")
+    with tempfile.TemporaryDirectory() as scratch:
+        os.makedirs(os.path.join(scratch, "slice"))
+        for name in files:
+            os.symlink(os.path.join(os.path.abspath(tag_dir), name),
+                       os.path.join(scratch, "slice", name.replace(mine, "mp_rank_00")))
+        weights = fp32_weights_from_checkpoint(os.path.join(scratch, "slice"), scratch, "slice")
+        return {key: _materialise(value).clone() for key, value in weights.items() if "lora_" in key}
+
+
+def consolidate_slices(layout: dict, slices) -> Dict[str, torch.Tensor]:
+    """One weight dict for the unsplit model: each split factor (B of a column layer, A of a row layer; `layout`
+    from the controller state) concatenated over the slices in order, everything else from slice 0."""
+    whole = dict(slices[0])
+    for name, (kind, sizes) in layout.items():
+        key, dim = (f"{name}.lora_B", 0) if kind == "column" else (f"{name}.lora_A", 1)
+        parts = [_lookup(weights, key) for weights in slices]
+        if any(part is None for part in parts):
+            continue  # reported as missing by the caller
+        if [part.shape[dim] for part in parts] != list(sizes):
+            raise ValueError(f"{key}: the slices hold {[tuple(p.shape) for p in parts]}, the controller state says "
+                             f"{kind}-parallel sizes {sizes}. The checkpoint is inconsistent; nothing was written.")
+        whole[next(k for k in (key, "module." + key) if k in slices[0])] = torch.cat(parts, dim=dim)
+    return whole
+
+
 def adapter_state_from_checkpoint(checkpoint_dir: str, tag: Optional[str] = None) -> Tuple[AdapterState, dict]:
     """The unfolded adapter and the BeamLoRA config of a DeepSpeed checkpoint; no distributed job needed."""
     tag = resolve_tag(checkpoint_dir, tag)
@@ -83,7 +122,11 @@ def adapter_state_from_checkpoint(checkpoint_dir: str, tag: Optional[str] = None
         raise FileNotFoundError(f"No checkpoint {tag!r} in {checkpoint_dir!r}.")
     ctrl = controller_state(tag_dir)
     config = ctrl["config"]
-    weights = fp32_weights_from_checkpoint(tag_dir, checkpoint_dir, tag)
+    layout = ctrl.get("tensor_parallel") or {}
+    if layout:  # one set of files per tensor-parallel slice: rebuild each, then put the split factors together
+        weights = consolidate_slices(layout, [fp32_weights_of_slice(tag_dir, t) for t in range(_slices(layout))])
+    else:
+        weights = fp32_weights_from_checkpoint(tag_dir, checkpoint_dir, tag)
     state = AdapterState(r=int(config["r"]), alpha=float(config["alpha"]), tau=float(config["tau"]),
                          dropout=float(config.get("dropout", 0.0)))
     missing = []

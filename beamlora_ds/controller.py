@@ -221,7 +221,14 @@ class BeamController:
                 "config": self.config.to_dict(),
                 "module_names": list(self.module_names), "snapshot": self._snapshot,
                 "snapshot_step": self._snapshot_step, "history": list(self.history),
-                "nonfinite_loss_step": self._nonfinite_loss_step}
+                "nonfinite_loss_step": self._nonfinite_loss_step, "tensor_parallel": self.tensor_parallel_layout}
+
+    @property
+    def tensor_parallel_layout(self) -> dict:
+        """{module name: [column or row, partition sizes]} of the layers split for tensor parallelism ({} without):
+        what an offline export needs to put the processes' slices together, and what a resume must match."""
+        return {name: [m.tensor_parallel.kind, list(m.tensor_parallel.sizes)]
+                for name, m in zip(self.module_names, self.modules) if m.tensor_parallel is not None}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -235,6 +242,10 @@ class BeamController:
         if list(state["module_names"]) != self.module_names:
             raise ValueError(f"Cannot resume: the checkpoint has {len(state['module_names'])} BeamLoRA modules, this "
                              f"model has {len(self.module_names)} (or different names). Use the same target_modules.")
+        if state.get("tensor_parallel", {}) != self.tensor_parallel_layout:
+            raise ValueError("Cannot resume: the checkpoint was written with another tensor-parallel split (autotp_size "
+                             "or model) than this run's; its optimizer state is per slice. Resume with the same "
+                             "tensor_parallel.autotp_size, or export the adapter (beamlora-export) and start from it.")
         self.global_step = int(state["global_step"])
         self._snapshot = state["snapshot"]
         self._snapshot_step = state["snapshot_step"]

@@ -112,3 +112,18 @@ def test_split_sizes_must_add_up_to_the_layer():
     layer = BeamLoRALinear(nn.Linear(8, 6), r=2, alpha=4.0)
     with pytest.raises(ValueError, match="add up to 5.*6 features"):
         layer.split_for_tensor_parallel(TensorParallelSplit(COLUMN, None, (3, 2), 0), nn.Linear(8, 3))
+
+
+def test_a_controller_state_from_another_tensor_parallel_split_is_refused():
+    """Optimizer and model files are per slice: a resume must have the same split (checkpoint.load_checkpoint
+    checks the same before DeepSpeed reads anything)."""
+    from helpers import TwoLayerNet
+
+    from beamlora_ds import BeamLoRAConfig, apply
+
+    beam = apply(TwoLayerNet(), BeamLoRAConfig(r=4, alpha=8.0, total_steps=40, interval=8))
+    state = beam.state_dict()
+    assert state["tensor_parallel"] == {}
+    state["tensor_parallel"] = {beam.module_names[0]: ["column", [2, 2]]}
+    with pytest.raises(ValueError, match="another tensor-parallel split.*same tensor_parallel.autotp_size"):
+        beam.load_state_dict(state)

@@ -42,6 +42,8 @@ def files(tmp_path_factory):
     _write_json(d / "fp16.json", {"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}})
     _write_json(d / "tbs6.json", {"train_batch_size": 6, "zero_optimization": {"stage": 2}})
     _write_json(d / "tbs3.json", {"train_batch_size": 3, "zero_optimization": {"stage": 2}})
+    _write_json(d / "tp2.json", {"tensor_parallel": {"autotp_size": 2}, "zero_optimization": {"stage": 1}})
+    _write_json(d / "tp4.json", {"tensor_parallel": {"autotp_size": 4}, "zero_optimization": {"stage": 1}})
     (d / "fields.jsonl").write_text(json.dumps({"question": "What is 1 + 1?", "answer": "2"}) + "\n")
     (d / "empty.jsonl").write_text("")
     (d / "broken.jsonl").write_text('{"prompt": "What is 1 + 1?", "response": "2"}\n{"prompt": oops}\n')
@@ -135,6 +137,16 @@ CASES = [
     case("tau not positive", [*Z2, "--tau", "0"], "--tau=0"),
     case("t_end 0", [*Z2, "--t_end", "0"], "--t_end=0: must be a positive integer"),
     case("t_end past the run", [*Z2, "--t_end", "21"], "--t_end=21 is past the end of the run (total_steps=20)"),
+    # tensor parallelism (AutoTP): what it cannot train, before any process waits or any weight is read
+    case("tp not dividing the processes", ["--ds_config", "{d}/tp2.json"], "does not divide the number of processes 1"),
+    case("tp with 4-bit", ["--ds_config", "{d}/tp2.json", "--quantization", "nf4"], "4-bit bases cannot be split",
+         env=TWO_PROCESSES),
+    case("tp with dropout", ["--ds_config", "{d}/tp2.json", "--lora_dropout", "0.1"], "Set the dropout to 0",
+         env=TWO_PROCESSES),
+    case("tp with fused targets", ["--ds_config", "{d}/tp2.json", "--target_modules", "qkv_proj,o_proj"],
+         "Fused projections ['qkv_proj']", env=TWO_PROCESSES),
+    case("tp above the kv heads", ["--ds_config", "{d}/tp4.json"], "exceeds the model's 2 key-value heads",
+         env={**TWO_PROCESSES, "WORLD_SIZE": "4"}),
     # step counts
     case("stop_after negative", [*Z2, "--stop_after", "-1"], "--stop_after -1 is out of range"),
     case("save_steps negative", [*Z2, "--save_steps", "-5"], "--save_steps -5 is out of range"),

@@ -34,13 +34,14 @@ def launch(folder, runs, nproc):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tp"))
-    two = {f"stage{s}": {"stage": s} for s in (0, 1, 2, 3)}
+    two = {f"stage{s}": {"stage": s, "save_at_end": os.path.join(folder, f"end{s}")} for s in (0, 1, 2, 3)}
     two.update({"norm": {"stage": 2, "importance": "norm"}, "bf16": {"stage": 2, "dtype": "bf16"},
                 "resumed": {"stage": 1, "stop_at": 6, "ckpt_dir": os.path.join(folder, "ckpt")}})
     results = launch(folder, two, nproc=2)
     results.update({f"dp2_{k}": v for k, v in launch(folder, {"stage1": {"stage": 1}}, nproc=4).items()})
     results["reference"] = worker.train_reference()
     results["reference_norm"] = worker.train_reference(importance="norm")
+    results["folder"] = folder
     return results
 
 
@@ -96,6 +97,22 @@ def test_tp2_follows_the_unsplit_run(runs, stage):
     assert_follows(runs["reference"], runs[f"stage{stage}"])
     assert stage == 0 or not any(math.isnan(n) for n in runs[f"stage{stage}"]["grad_norms"])
     assert_replicated_identical(runs[f"stage{stage}"])
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_offline_export_of_a_tp_checkpoint_consolidates_the_slices(runs, stage):
+    """beamlora-export on a checkpoint written under TP=2 (one set of files per slice, ZeRO 0, 1 and 3 layouts):
+    the unsplit adapter the live engine's save_adapter gathered, and the peft files write."""
+    from beamlora_ds.checkpoint_export import adapter_state_from_checkpoint, export_checkpoint
+
+    folder = os.path.join(runs["folder"], f"end{stage}")
+    state, _ = adapter_state_from_checkpoint(folder)
+    live = runs[f"stage{stage}"]["adapter"]
+    for name in state.module_names:
+        for key in ("lora_A", "lora_B", "lora_score"):
+            assert relative(getattr(state, key)[name], live[f"{name}.{key}"]) <= 1e-6, f"{name}.{key}"
+    out = export_checkpoint(folder, os.path.join(runs["folder"], f"exported{stage}"))
+    assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
 
 
 def test_tp2_times_dp2_on_four_processes_follows_the_unsplit_run(runs):

@@ -26,7 +26,8 @@ from beamlora_ds import BeamLoRAConfig, models, optimizer_param_groups  # noqa: 
 GLOBAL_BATCH, LENGTH, LR = 4, 16, 1e-2
 CLIP = 0.05  # below every step's gradient norm: clipping always acts, so a wrong global norm changes the run
 RUN_DEFAULTS = {"stage": 1, "tp": 2, "dtype": "fp32", "steps": 12, "interval": 4, "importance": "score",
-                "stop_at": 0, "ckpt_dir": "", "no_mark": False}
+                "stop_at": 0, "ckpt_dir": "", "no_mark": False,
+                "save_at_end": ""}  # a checkpoint folder written after the last step (offline export reads it)
 
 
 def build(run: dict):
@@ -134,6 +135,8 @@ def train_tp(run: dict, dist) -> dict:
             model, beam, engine = engine_for(run, world)
             beamlora_ds.load_checkpoint(engine, beam, run["ckpt_dir"])
             assert beam.global_step == step
+    if run["save_at_end"]:
+        beamlora_ds.save_checkpoint(engine, beam, run["save_at_end"])
     losses = torch.tensor(dtype_losses, dtype=torch.float64)
     dist.all_reduce(losses)  # every process of a group holds the same loss: the mean over processes is the replicas'
     state = adapter_state_from_model(model)
