@@ -2,6 +2,8 @@
 
 Pure Python and `bash -n`: no torch, no DeepSpeed import; well under 2 s.
 """
+import ast
+import dataclasses
 import importlib.util
 import json
 import os
@@ -253,3 +255,123 @@ def test_hostfile_example_parses_like_deepspeed():
         hosts[m.group(1)] = int(m.group(2))
     # multi_node_70b.sh uses it with --num_nodes 4 --num_gpus 8
     assert len(hosts) == 4 and set(hosts.values()) == {8}
+
+
+# ---------------------------------------------------------------- tensor parallelism (--tp)
+
+V70, H70 = 32000, 8192
+LINEAR70 = 80 * (2 * H70 * H70 + 2 * H70 * 1024 + 3 * H70 * 28672)   # q, o; k, v (8 kv heads x 128); gate, up, down
+
+
+def test_tp_base_weights_split_layers_divided_replicated_unchanged():
+    whole, tp8 = em.base_param_counts(M70), em.base_param_counts(M70, tp=8)
+    assert whole["linear"] == LINEAR70 == 68_451_041_280
+    assert tp8["linear"] == LINEAR70 // 8                        # every projection is split 8 ways
+    norms = 80 * 2 * H70 + H70                                     # replicated
+    assert whole["other"] == 2 * V70 * H70 + norms
+    assert tp8["other"] == V70 * H70 + V70 // 8 * H70 + norms      # untied: embedding whole, lm_head split
+    tied = dataclasses.replace(M7, tie_word_embeddings=True)       # tied: vocabulary-parallel
+    assert em.base_param_counts(tied, tp=8)["other"] == 32000 // 8 * 4096 + 32 * 2 * 4096 + 4096
+    # per GPU: TP=8 x ZeRO-1 keeps its slice whole; TP=8 x ZeRO-3 partitions it over gpus / tp = 4
+    gpu = _component(em.estimate(M70, gpus=32, tp=8, stage=1), "base weights")["gpu_bytes"]
+    assert gpu == 2 * (LINEAR70 // 8 + V70 * H70 + V70 // 8 * H70 + norms)
+    assert _component(em.estimate(M70, gpus=32, tp=8, stage=3), "base weights")["gpu_bytes"] == gpu // 4
+    assert _component(em.estimate(M70, gpus=8, tp=8, stage=1), "base weights")["gpu_bytes"] == gpu
+
+
+def test_tp_adapter_divides_only_the_split_factor():
+    r = 64
+    per_layer = (r * H70 + H70 // 8 * r                  # q: A replicated, B split
+                 + 2 * (r * H70 + 1024 // 8 * r)         # k, v
+                 + r * H70 // 8 + H70 * r                # o (row-parallel): A split, B replicated
+                 + 2 * (r * H70 + 28672 // 8 * r)        # gate, up
+                 + r * 28672 // 8 + H70 * r)             # down (row-parallel)
+    assert per_layer == 4_505_600
+    counts = em.adapter_param_counts(M70, r, ALL, tp=8)
+    assert counts["lora"] == 80 * per_layer
+    assert counts["score"] == 80 * 7 * r                  # replicated
+    assert em.adapter_param_counts(M70, r, ["q_proj"], tp=8)["lora"] == 80 * (r * H70 + r * H70 // 8)
+    assert em.adapter_param_counts(M70, r, ALL, tp=1) == em.adapter_param_counts(M70, r, ALL)
+
+
+def test_tp_activations_split_heads_and_intermediate_only():
+    h, r, tokens = H70, 64, 512 * 4
+
+    def per_token(q, a, i):  # lora_dropout 0: norms, q/k/v and gate/up inputs replicated; q, a, i split
+        return 8 * h + 2 * h + 6 * q + 2 * q + 4 * a + 2 * q + 2 * h + 6 * i + 2 * i + 7 * 4 * r
+    assert em.activation_bytes_per_layer(M70, 512, 4, r, ALL, 0.0) == per_token(H70, 64, 28672) * tokens
+    assert em.activation_bytes_per_layer(M70, 512, 4, r, ALL, 0.0, tp=8) == per_token(1024, 8, 3584) * tokens
+    one = em.activation_bytes(M70, 512, 4, r, ALL, True, 0.0, tp=1)
+    eight = em.activation_bytes(M70, 512, 4, r, ALL, True, 0.0, tp=8)
+    assert eight["layers"] - eight["one_layer"] == one["layers"] - one["one_layer"] == 2 * tokens * h * 80
+    assert eight["logits"] == one["logits"] and eight["final_norm"] == one["final_norm"]
+
+
+def test_tp_zero_partitions_over_data_parallel_size():
+    T = em.adapter_param_counts(M70, 64, ALL, tp=8)["total"]
+    lora = em.adapter_param_counts(M70, 64, ALL, tp=8)["lora"]
+    res = em.estimate(M70, gpus=32, tp=8, stage=1, micro_batch=1)
+    assert res["inputs"]["data_parallel"] == 4 and res["inputs"]["lora_dropout"] == 0.0
+    assert _component(res, "adapter working copy")["gpu_bytes"] == 2 * T
+    assert _component(res, "fp32 master")["gpu_bytes"] == 12 * T // 4
+    assert _component(res, "adapter gradients")["gpu_bytes"] == 2 * T + 4 * T // 4   # ZeRO-1: bf16 grads whole
+    assert _component(res, "BeamLoRA snapshot")["host_bytes"] == 12 * lora // 4
+    assert _component(res, "ZeRO reduce bucket")["gpu_bytes"] == 2 * H70 * H70
+    assert res["host_per_node_bytes"] == 8 * res["host_per_process_bytes"]
+    assert res["params"]["adapter"]["lora"] == 828_375_040 and res["params_per_gpu"]["adapter"]["total"] == T
+    assert res["fits"] and res["gpu_total_bytes"] > em.estimate(M70, gpus=32, stage=3, micro_batch=1)["gpu_total_bytes"]
+
+
+def test_tp_refusals():
+    for kwargs, message in [(dict(gpus=30, tp=8), "must divide"), (dict(gpus=32, tp=16), "key-value heads"),
+                            (dict(gpus=32, tp=8, quantization="nf4"), "4-bit"),
+                            (dict(gpus=32, tp=8, lora_dropout=0.05), "lora_dropout 0"),
+                            (dict(gpus=8, tp=0), ">= 1")]:
+        with pytest.raises(ValueError, match=message):
+            em.estimate(M70, **kwargs)
+    with pytest.raises(ValueError, match="key-value heads"):
+        em.estimate(M7, gpus=64, tp=64)                            # 32 key-value heads
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus", "12", "--tp", "8"], "must divide"),
+    (["--gpus", "32", "--tp", "16"], "key-value heads"),
+    (["--gpus", "8", "--tp", "8", "--quantization", "nf4"], "4-bit"),
+    (["--gpus", "8", "--tp", "8", "--lora_dropout", "0.1"], "lora_dropout 0"),
+])
+def test_tp_cli_refusals_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        em.main(["--model", "70b"] + argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --tp" in err and message in err
+
+
+def test_tp_cli_report_and_table(tmp_path, capsys):
+    out = tmp_path / "tp.json"
+    assert em.main(["--model", "70b", "--gpus", "32", "--tp", "8", "--stage", "1", "--gradient_checkpointing",
+                    "--micro_batch", "1", "--json", str(out)]) == 0
+    assert "TP=8 x 4 data-parallel, ZeRO-1" in capsys.readouterr().out
+    assert json.loads(out.read_text())["inputs"]["tp"] == 8
+    table = em.markdown_table()
+    rows = [ln for ln in table.splitlines() if "tp8_zero1.json" in ln]
+    assert len(rows) == 2 and "does not fit" not in "".join(rows)
+    config = json.load(open(os.path.join(ROOT, "ds_configs", "tp8_zero1.json")))
+    assert config["tensor_parallel"] == {"autotp_size": 8} and config["zero_optimization"]["stage"] == 1
+
+
+@pytest.mark.parametrize("name", ["estimate_memory.py", "memory_model.py"])
+def test_estimator_keeps_the_house_size_limits(name):
+    # the limits of tests/test_structure.py (400 lines a file, 60 a function), which covers beamlora_ds only
+    path = os.path.join(LAUNCH, name)
+    text = open(path).read()
+    assert len(text.splitlines()) <= 400
+    long = [n.name for n in ast.walk(ast.parse(text)) if isinstance(n, ast.FunctionDef)
+            and n.end_lineno - n.lineno + 1 > 60]
+    assert not long
+
+
+def test_recipes_name_shipped_configs():
+    for name in SCRIPTS:
+        for cited in re.findall(r"ds_configs/\w+\.json", open(os.path.join(LAUNCH, name)).read()):
+            assert os.path.isfile(os.path.join(ROOT, cited)), f"{name} names {cited}"
