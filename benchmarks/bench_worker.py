@@ -32,12 +32,13 @@ METHODS = ("lora", "frozen", "beamlora")
 
 
 # --------------------------------------------------------------------------------------- launcher side
-def run(worker_args, nproc=2, timeout=3600) -> dict:
-    """Run this worker under `deepspeed --num_gpus nproc` (beamlora_ds.testing: timeout, retry, /dev/shm
-    clean-up), echo rank 0's progress lines, and return the JSON it wrote."""
+def run(worker_args, nproc=2, timeout=3600, script=__file__) -> dict:
+    """Run this worker (or another benchmark worker `script` with the same --out contract) under
+    `deepspeed --num_gpus nproc` (beamlora_ds.testing: timeout, retry, /dev/shm clean-up), echo rank 0's progress
+    lines, and return the JSON it wrote."""
     from beamlora_ds import testing
 
-    return testing.launch_for_json(__file__, worker_args, "--out", nproc=nproc, timeout=timeout, cwd=ROOT,
+    return testing.launch_for_json(script, worker_args, "--out", nproc=nproc, timeout=timeout, cwd=ROOT,
                                    echo_prefix="[bench] ")
 
 

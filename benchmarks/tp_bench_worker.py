@@ -28,17 +28,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import bench_worker  # noqa: E402
 from bench_worker import say, train_step  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------- launcher side
 def run(worker_args, nproc=2, timeout=3600) -> dict:
-    """Run this worker under `deepspeed --num_gpus nproc` (beamlora_ds.testing: timeout, retry, /dev/shm
-    clean-up), echo rank 0's progress lines, and return the JSON it wrote."""
-    from beamlora_ds import testing
-
-    return testing.launch_for_json(__file__, worker_args, "--out", nproc=nproc, timeout=timeout, cwd=ROOT,
-                                   echo_prefix="[bench] ")
+    """This worker under `deepspeed --num_gpus nproc`, launched as bench_worker launches itself."""
+    return bench_worker.run(worker_args, nproc, timeout, script=__file__)
 
 
 # ------------------------------------------------------------------------------------------ worker side

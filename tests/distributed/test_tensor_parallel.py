@@ -7,7 +7,6 @@ and every replicated tensor bit-identical across the processes of a tensor-paral
 criterion, bf16, and a checkpoint taken in the middle of an interval (after a snapshot, before its reset) resumed on
 a fresh engine equal to the run that never stopped. Each launch runs its trainings one after another.
 """
-import json
 import math
 import os
 
@@ -22,13 +21,7 @@ TIMEOUT_S = 420
 
 
 def launch(folder, runs, nproc):
-    spec, out = os.path.join(folder, f"runs{nproc}.json"), os.path.join(folder, f"results{nproc}.pt")
-    with open(spec, "w") as f:
-        json.dump(runs, f)
-    proc = testing.run(testing.deepspeed_command(worker.__file__, ["--runs", spec, "--out", out], nproc),
-                       timeout=TIMEOUT_S, cwd=folder)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out, weights_only=False)
+    return testing.launch_runs(worker.__file__, folder, runs, nproc, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,9 @@ single-process run up to reduction-order rounding: identical pruned sets at ever
 within 1e-5 relative. All 2-process runs share one launch (zero_access_worker.py runs them one after another);
 every launch has a timeout, so a collective that hangs fails the test instead of CI.
 """
-import json
 import os
 
 import pytest
-import torch
 
 import zero_access_worker as worker
 from beamlora_ds import testing
@@ -36,13 +34,7 @@ def two_process_runs(ckpt):
 
 
 def launch(folder, runs, nproc):
-    spec, out = os.path.join(folder, f"runs{nproc}.json"), os.path.join(folder, f"results{nproc}.pt")
-    with open(spec, "w") as f:
-        json.dump(runs, f)
-    proc = testing.run(testing.deepspeed_command(worker.__file__, ["--runs", spec, "--out", out], nproc),
-                       timeout=TIMEOUT_S, cwd=folder)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out, weights_only=False)
+    return testing.launch_runs(worker.__file__, folder, runs, nproc, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
