@@ -137,9 +137,10 @@ def test_a_resume_in_the_middle_of_an_interval_equals_the_run_that_never_stopped
 
 
 def test_launch_train_with_tp2_ends_as_the_one_process_run(tmp_path):
-    """`deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/tp2_zero1.json` on the tiny model: the same
-    reset records, losses and adapter as one process with zero2.json, and the adapter (consolidated) loads in
-    stock peft with the unsplit shapes; stopped after step 3 (mid-interval) and resumed, it ends exactly the same."""
+    """`deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/tp2_zero1.json` on the tiny model, stopped
+    after step 3 (between a reset and the next snapshot) and resumed: the same reset records, losses and adapter as
+    one process with zero2.json, and the adapter (consolidated) loads in stock peft with the unsplit shapes. A
+    resume that lost the data position, the snapshot or the optimizer state would not end equal."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -148,25 +149,23 @@ def test_launch_train_with_tp2_ends_as_the_one_process_run(tmp_path):
 
     args = ["--model_name_or_path", "builtin-tiny", "--lora_r", "8", "--max_steps", "8", "--interval", "2",
             "--p0", "0.8", "--learning_rate", "3e-3", "--logging_steps", "1", "--lora_dropout", "0"]
-    launches = [("tp", "tp2_zero1", 2, []), ("one", "zero2", 1, []),  # and a TP run stopped after step 3, resumed
-                ("stopped", "tp2_zero1", 2, ["--stop_after", "3"]), ("stopped", "tp2_zero1", 2, ["--resume"])]
+    launches = [("one", "zero2", 1, []), ("tp", "tp2_zero1", 2, ["--stop_after", "3"]),
+                ("tp", "tp2_zero1", 2, ["--resume"])]
     for name, config, nproc, extra in launches:
         proc = launch_train(str(tmp_path / name), "--ds_config", f"ds_configs/{config}.json", *args, *extra,
                             nproc=nproc)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     tp, one = (read_log(str(tmp_path / name)) for name in ("tp", "one"))
-    resumed = {r["step"]: r["loss"] for r in read_log(str(tmp_path / "stopped")) if r["type"] == "train"}
-    assert resumed == {r["step"]: r["loss"] for r in tp if r["type"] == "train"}  # exactly, step by step
-    stopped_adapter = load_file(str(tmp_path / "stopped" / "adapter" / "adapter_model.safetensors"))
-    resets = [[(r["step"], r["pruned"]) for r in log if r["type"] == "reset"] for log in (tp, one)]
-    assert resets[0] == resets[1] and sum(len(p) for _, p in resets[1]) > 0
-    losses = [[r["loss"] for r in log if r["type"] == "train"] for log in (tp, one)]
-    assert len(losses[0]) == 8 and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(*losses))
+    assert any(r["type"] == "resume" for r in tp)
+    resets = [{r["step"]: r["pruned"] for r in log if r["type"] == "reset"} for log in (tp, one)]
+    assert resets[0] == resets[1] and sorted(resets[1]) == [2, 4, 6] and len(resets[1][2]) > 0
+    losses = [{r["step"]: r["loss"] for r in log if r["type"] == "train"} for log in (tp, one)]
+    assert sorted(losses[0]) == list(range(1, 9)) == sorted(losses[1])
+    assert all(abs(losses[0][t] - losses[1][t]) <= 1e-5 * abs(losses[1][t]) for t in losses[1])
     got, want = (load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors")) for name in ("tp", "one"))
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert got[key].shape == value.shape and relative(got[key], value) <= 1e-4, key
-        assert torch.equal(stopped_adapter[key], got[key]), key
     peft_model = PeftModel.from_pretrained(models.load_model(models.BUILTIN_TINY, torch.float32, {}),
                                            str(tmp_path / "tp" / "adapter"))
     ids = torch.randint(3, 60, (2, 10), generator=torch.Generator().manual_seed(0))
