@@ -21,7 +21,7 @@ from torch import nn
 
 from .inject import find_beamlora_modules
 from .layer import BeamLoRALinear, is_4bit_linear
-from .tensor_parallel import COLUMN, ROW, TensorParallelSplit, gather_along
+from .tensor_parallel import COLUMN, ROW, TensorParallelSplit, comm_device, gather_along
 
 # Projections that hold several logical matrices in one weight; their B slice would have to follow each part.
 FUSED_PROJECTIONS = ("qkv_proj", "gate_up_proj", "c_attn", "query_key_value", "Wqkv", "w_pack", "W_pack")
@@ -33,7 +33,7 @@ def autotp_size(ds_config: dict) -> int:
     return int(section.get("autotp_size", 1) or 1)
 
 
-def tensor_parallel_problem(tp: int, world_size: int, model_config=None, stage: int = 0, four_bit: bool = False,
+def tensor_parallel_problem(tp: int, world_size: int, model_config=None, four_bit: bool = False,
                             dropout: float = 0.0, targets=()) -> Optional[str]:
     """Why this run cannot train with tensor parallelism `tp`, or None. Cheap: checked before any model loads."""
     if tp <= 1:
@@ -149,9 +149,9 @@ def _same_adapters_on_the_group(model, modules: Dict[str, BeamLoRALinear], group
 
     tensors = [t for layer in modules.values() for t in (layer.lora_A, layer.lora_B)]
     tensors += score_parameters(list(modules.values()))
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+    device = comm_device(group)
     for t in tensors:
-        buffer = t.data if device is None or t.device == device else t.data.to(device)
+        buffer = t.data if t.device == device else t.data.to(device)
         dist.broadcast(buffer, src=src, group=group)
         if buffer is not t.data:
             t.data.copy_(buffer)

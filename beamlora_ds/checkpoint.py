@@ -98,11 +98,9 @@ def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[s
                              f"{tag!r} was not written by beamlora_ds.save_checkpoint with this number of processes.")
     state = torch.load(state_path, map_location="cpu", weights_only=False)
     check_score_layout(state["beamlora"], beam, tag)
-    ranks.all_ranks_or_raise(state["beamlora"].get("tensor_parallel", {}) == beam.tensor_parallel_layout,
-                             f"Cannot resume from checkpoint {tag!r}: it was written with another tensor-parallel "
-                             "split (tensor_parallel.autotp_size) than this run's, and its model and optimizer "
-                             "files are per slice. Resume with the same autotp_size, or export the adapter "
-                             "(beamlora-export consolidates the slices) and start a new run from it.", ValueError)
+    problem = beam.tensor_parallel_problem(state["beamlora"])  # the same on every process of one run
+    ranks.all_ranks_or_raise(problem is None, f"Checkpoint {tag!r}: {problem or 'another tensor-parallel split.'}",
+                             ValueError)
     path, client_state = engine.load_checkpoint(load_dir, tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag!r} from {load_dir!r}.")

@@ -223,6 +223,15 @@ class BeamController:
                 "snapshot_step": self._snapshot_step, "history": list(self.history),
                 "nonfinite_loss_step": self._nonfinite_loss_step, "tensor_parallel": self.tensor_parallel_layout}
 
+    def tensor_parallel_problem(self, state: dict) -> Optional[str]:
+        """Why a saved state (`state_dict()`) cannot resume here because of its tensor-parallel split, or None."""
+        if state.get("tensor_parallel", {}) == self.tensor_parallel_layout:
+            return None
+        return ("Cannot resume: the checkpoint was written with another tensor-parallel split (autotp_size or model) "
+                "than this run's, and its model and optimizer files are per slice. Resume with the same "
+                "tensor_parallel.autotp_size, or export the adapter (beamlora-export consolidates the slices) and "
+                "start a new run from it.")
+
     @property
     def tensor_parallel_layout(self) -> dict:
         """{module name: [column or row, partition sizes]} of the layers split for tensor parallelism ({} without):
@@ -242,10 +251,9 @@ class BeamController:
         if list(state["module_names"]) != self.module_names:
             raise ValueError(f"Cannot resume: the checkpoint has {len(state['module_names'])} BeamLoRA modules, this "
                              f"model has {len(self.module_names)} (or different names). Use the same target_modules.")
-        if state.get("tensor_parallel", {}) != self.tensor_parallel_layout:
-            raise ValueError("Cannot resume: the checkpoint was written with another tensor-parallel split (autotp_size "
-                             "or model) than this run's; its optimizer state is per slice. Resume with the same "
-                             "tensor_parallel.autotp_size, or export the adapter (beamlora-export) and start from it.")
+        problem = self.tensor_parallel_problem(state)
+        if problem:
+            raise ValueError(problem)
         self.global_step = int(state["global_step"])
         self._snapshot = state["snapshot"]
         self._snapshot_step = state["snapshot_step"]

@@ -98,7 +98,7 @@ def reduce_from_group(x: torch.Tensor, group) -> torch.Tensor:
     return _ReduceFromGroup.apply(x, group)
 
 
-def _comm_device(group) -> torch.device:
+def comm_device(group) -> torch.device:
     """Where a tensor must be for a collective on `group`: NCCL reduces only GPU tensors."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -114,7 +114,7 @@ def gather_along(local: torch.Tensor, sizes: Tuple[int, ...], dim: int, group) -
     padded_shape[dim] = max(sizes)
     padded = local.new_zeros(padded_shape)
     padded.narrow(dim, 0, local.shape[dim]).copy_(local)
-    padded = padded.to(_comm_device(group))
+    padded = padded.to(comm_device(group))
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded.contiguous(), group=group)
     whole = torch.cat([part.narrow(dim, 0, size) for part, size in zip(parts, sizes)], dim=dim)
@@ -140,7 +140,7 @@ def sum_split_norms(a_row_sq: torch.Tensor, b_col_sq: torch.Tensor, modules) -> 
         raise ValueError("BeamLoRA modules split over different tensor-parallel groups; one group is supported.")
     group = split_rows[0][1].group
     parts = torch.stack([(a_row_sq if split.kind == ROW else b_col_sq)[i] for i, split in split_rows])
-    parts = parts.to(_comm_device(group))
+    parts = parts.to(comm_device(group))
     dist.all_reduce(parts, group=group)
     parts = parts.to(a_row_sq.device)
     for (i, split), part in zip(split_rows, parts):

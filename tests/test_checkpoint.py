@@ -68,3 +68,24 @@ def test_a_checkpoint_from_before_the_score_table_is_refused_before_deepspeed_re
     with pytest.raises(ValueError, match="one parameter per module.*one \\(modules x r\\) table.*beamlora-export"):
         load_checkpoint(EngineThatMustNotLoad(), beam, str(tmp_path))
     assert beam.state_dict()["score_layout"] == "table"
+
+
+def test_a_checkpoint_of_another_tensor_parallel_split_is_refused_before_deepspeed_reads_it(tmp_path):
+    """Its model and optimizer files are per slice: loading must stop with the way out, not inside DeepSpeed."""
+    from beamlora_ds import BeamLoRAConfig, apply
+    from helpers import TwoLayerNet
+
+    beam = apply(TwoLayerNet(), BeamLoRAConfig(r=4, alpha=8.0, total_steps=40, interval=8))
+    saved = beam.state_dict()
+    saved["tensor_parallel"] = {beam.module_names[0]: ["column", [2, 2]]}
+    (tmp_path / "latest").write_text("global_step8")
+    (tmp_path / "global_step8").mkdir()
+    torch.save({"beamlora": saved, "rng": rng_state()},
+               str(tmp_path / "global_step8" / checkpoint.STATE_FILE.format(rank=0)))
+
+    class EngineThatMustNotLoad:
+        def load_checkpoint(self, *args, **kwargs):
+            raise AssertionError("DeepSpeed was asked to load a checkpoint of another tensor-parallel split")
+
+    with pytest.raises(ValueError, match="global_step8.*another tensor-parallel split.*beamlora-export"):
+        load_checkpoint(EngineThatMustNotLoad(), beam, str(tmp_path))
