@@ -1,6 +1,6 @@
 """A real transformers.Trainer run of the tiny built-in Llama with BeamLoRA attached (optionally DeepSpeed).
 
-    deepspeed --num_gpus 2 tests/hf_worker.py --out DIR [--stop_at 6] [--resume] [--ds_stage 3]
+    deepspeed --num_gpus 2 tests/hf_worker.py --out DIR [--stop_at 6] [--resume DIR/checkpoint-6] [--ds_stage 3]
 Writes DIR/result.pt on rank 0: the reset history and the final adapter tensors (fp32, full). Without DeepSpeed,
 test_hf.py calls train() in its own process. Under ZeRO-3 each run needs its own launch: a second Trainer in the
 same processes does not start afresh (measured: a run meant to stop at step 6 went on to 12).
@@ -115,11 +115,12 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--stop_at", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", default="", help="the checkpoint folder to resume from (explicit, so that a retried "
+                   "launch resumes from the same one and not from the checkpoint its first try wrote)")
     p.add_argument("--ds_stage", type=int, default=3)
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
-    result = train(args.out, args.stop_at, args.resume, args.ds_stage)
+    result = train(args.out, args.stop_at, args.resume or False, args.ds_stage)
     if result.pop("process_index") == 0:
         torch.save(result, os.path.join(args.out, "result.pt"))
 

@@ -25,8 +25,9 @@ def run_worker(runs, ds_stage=-1, deepspeed_procs=0):
     results = []
     for run in runs:
         args = ["--out", run["out"], "--stop_at", run.get("stop_at", 0), "--ds_stage", ds_stage]
-        proc = testing.run(testing.deepspeed_command(WORKER, args + (["--resume"] if run.get("resume") else []),
-                                                     deepspeed_procs), timeout=300, cwd=ROOT)
+        if run.get("resume"):  # by name: testing.run may retry a native abort, which must not resume a later one
+            args += ["--resume", os.path.join(run["out"], "checkpoint-6")]
+        proc = testing.run(testing.deepspeed_command(WORKER, args, deepspeed_procs), timeout=300, cwd=ROOT)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         results.append(torch.load(os.path.join(run["out"], "result.pt"), weights_only=False))
     return results
