@@ -6,7 +6,9 @@ holding the controller's state_dict and this process's RNG states (dropout must 
 """
 from __future__ import annotations
 
+import contextlib
 import glob
+import logging
 import os
 import random
 import shutil
@@ -14,10 +16,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import ranks
+from . import manifest, ranks, reshard
 from .atomic import fsync_tree, replace_dir, write_text_atomically
-from .controller import BeamController
-from .failpoints import kill_point
+from .controller import BeamController, make_access
+from .failpoints import FAIL_ENV, fail_write_point, kill_point
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "beamlora_state_rank{rank}.pt"
 PARTIAL = ".partial"  # suffix of a checkpoint folder still being written
@@ -42,9 +46,9 @@ def check_score_layout(saved: Optional[dict], beam: BeamController, where: str) 
 
 def validate_tag(tag: str) -> str:
     """`tag` when it can name a checkpoint folder beside `latest` and the `.partial` staging folders."""
-    if tag in ("", ".", "..", "latest") or os.sep in tag or tag.endswith(PARTIAL):
-        raise ValueError(f"checkpoint tag {tag!r}: use a plain folder name (not 'latest', no '/', not ending in "
-                         f"{PARTIAL!r}).")
+    if tag in ("", ".", "..", "latest", reshard.UNIVERSAL_DIR) or os.sep in tag or tag.endswith(PARTIAL):
+        raise ValueError(f"checkpoint tag {tag!r}: use a plain folder name (not 'latest' or "
+                         f"{reshard.UNIVERSAL_DIR!r}, no '/', not ending in {PARTIAL!r}).")
     return tag
 
 
@@ -54,59 +58,204 @@ def save_checkpoint(engine, beam: BeamController, save_dir: str, tag: Optional[s
     process.
 
     Crash-safe: every process writes into `<tag>.partial`; once all have finished (DeepSpeed's closing barrier),
-    the folder is flushed to disk and renamed to `<tag>`, and only then does `latest` move to it. A process killed
-    at any moment leaves `latest` naming the previous complete checkpoint; the next save clears the leftovers.
+    the folder gets its manifest (sizes and checksums, manifest.py), is flushed to disk and renamed to `<tag>`, and
+    only then does `latest` move to it. A process killed at any moment, or a write that fails (a full disk), leaves
+    `latest` naming the previous complete checkpoint; the next save clears the leftovers.
     """
     tag = validate_tag(str(tag or f"global_step{engine.global_steps}"))
     beam.warn_if_step_count_differs(engine)  # a forgotten or extra beam.step() shows here, not silently later
-    staging = tag + PARTIAL
+    staging, step = tag + PARTIAL, engine.global_steps
     folder = os.path.join(save_dir, staging)
     owner = ranks.owns_folders(engine)
-    if owner:  # leftovers of saves that were killed half-way
+    if owner:  # leftovers of saves that were killed half-way, and converted copies of older checkpoints
         os.makedirs(save_dir, exist_ok=True)
         for stale in glob.glob(os.path.join(glob.escape(save_dir), "*" + PARTIAL)):
             shutil.rmtree(stale, ignore_errors=True)
+        reshard.remove_universal_copies(save_dir)
     ranks.barrier()
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, STATE_FILE.format(rank=ranks.rank()))
-    torch.save({"beamlora": beam.state_dict(), "rng": rng_state()}, path)
-    kill_point("checkpoint", engine.global_steps)
-    # DeepSpeed's save ends in a barrier: after it, every process has written its part of the staging folder
-    engine.save_checkpoint(save_dir, tag=staging, client_state=client_state or {}, save_latest=False)
-    if owner:
-        fsync_tree(folder)
-        replace_dir(folder, os.path.join(save_dir, tag))
-        kill_point("latest", engine.global_steps)
-        write_text_atomically(os.path.join(save_dir, "latest"), tag)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fail_write_point("state", step)
+        torch.save({"beamlora": beam.state_dict(), "rng": rng_state()}, os.path.join(folder, STATE_FILE.format(
+            rank=ranks.rank())))
+        kill_point("checkpoint", step)
+        with _injected_write_failures(engine, step):
+            # DeepSpeed's save ends in a barrier: after it, every process has written its part of the staging folder
+            engine.save_checkpoint(save_dir, tag=staging, client_state=client_state or {}, save_latest=False)
+        if owner:
+            fail_write_point("manifest", step)
+            manifest.write_manifest(folder, tag, step, extra={"world_size": ranks.world_size(),
+                                                              "zero_stage": engine.zero_optimization_stage()})
+            fsync_tree(folder)
+            replace_dir(folder, os.path.join(save_dir, tag))
+            kill_point("latest", step)
+            fail_write_point("latest", step)
+            write_text_atomically(os.path.join(save_dir, "latest"), tag)
+    except OSError as e:  # a full disk, a quota, a vanished mount: say what is safe, free what we wrote
+        shutil.rmtree(folder, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"Could not write checkpoint {tag!r} (step {step}) to {save_dir!r}: {e}. The previous checkpoint and "
+            f"'latest' ({_read_latest(save_dir) or 'none yet'}) are untouched; free space or fix the file system, "
+            "then continue with --resume.") from e
     ranks.barrier()
     return tag
 
 
-def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[str] = None) -> Tuple[str, dict]:
-    """`engine.load_checkpoint` plus the BeamLoRA state of this process; returns (path, client_state)."""
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous one and `latest` are intact."""
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint's files do not match its manifest (truncated, corrupted or missing)."""
+
+
+@contextlib.contextmanager
+def _injected_write_failures(engine, step: int):
+    """Only under BEAMLORA_DS_FAIL_WRITE_AT (the disk-full tests): DeepSpeed's own file writes fail there."""
+    if "deepspeed" not in os.environ.get(FAIL_ENV, ""):
+        yield
+        return
+    checkpoint_engine = engine.checkpoint_engine
+    original = checkpoint_engine.save
+
+    def save(state_dict, path, *args, **kwargs):
+        fail_write_point("deepspeed", step)
+        return original(state_dict, path, *args, **kwargs)
+
+    checkpoint_engine.save = save
+    try:
+        yield
+    finally:
+        del checkpoint_engine.save
+
+
+def _read_latest(load_dir: str) -> Optional[str]:
+    try:
+        with open(os.path.join(load_dir, "latest")) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[str] = None,
+                    fallback: bool = False) -> Tuple[str, dict]:
+    """`engine.load_checkpoint` plus the BeamLoRA state; returns (path, client_state). Call on every process.
+
+    The checkpoint (`tag`, default the one `latest` names) is verified against its manifest first; a damaged one
+    is refused naming the file, or with `fallback=True` (`--resume auto`) skipped, with a warning, for the newest
+    intact one. Written by another number of processes, it is loaded through DeepSpeed's universal checkpoint and
+    the BeamLoRA snapshot is cut again for this world size (reshard.py).
+    """
+    tag = _choose_tag(engine, load_dir, tag, fallback)
+    folder = os.path.join(load_dir, tag)
+    saved_world = _saved_world_size(folder)
+    ranks.all_ranks_or_raise(saved_world > 0, f"{folder} holds no {STATE_FILE.format(rank=0)}: the checkpoint {tag!r} "
+                             "was not written by beamlora_ds.save_checkpoint.")
+    if saved_world == ranks.world_size():
+        state_path = os.path.join(folder, STATE_FILE.format(rank=ranks.rank()))
+        ranks.all_ranks_or_raise(os.path.isfile(state_path), f"{state_path} is missing on some process: the "
+                                 f"checkpoint {tag!r} was not written by beamlora_ds.save_checkpoint.")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        _check_fits(state["beamlora"], beam, tag)
+        path, client_state = engine.load_checkpoint(load_dir, tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag!r} from {load_dir!r}.")
+        beam.load_state_dict(state["beamlora"])
+        set_rng_state(state["rng"])
+        return path, client_state
+    return _load_on_new_world_size(engine, beam, load_dir, tag, saved_world)
+
+
+def _check_fits(saved: dict, beam: BeamController, tag: str) -> None:
+    check_score_layout(saved, beam, tag)
+    problem = beam.tensor_parallel_problem(saved)  # the same on every process of one run
+    ranks.all_ranks_or_raise(problem is None, f"Checkpoint {tag!r}: {problem or 'another tensor-parallel split.'}",
+                             ValueError)
+
+
+def _load_on_new_world_size(engine, beam, load_dir: str, tag: str, saved_world: int) -> Tuple[str, dict]:
+    """Resume a checkpoint written by `saved_world` processes on this job's number (docs/training.md)."""
+    world, stage = ranks.world_size(), engine.zero_optimization_stage()
+    node_local = getattr(engine, "use_node_local_storage", lambda: False)()
+    why_not = ("its files are per tensor-parallel slice and DeepSpeed's universal checkpoint does not re-cut AutoTP"
+               if beam.tensor_parallel_layout else
+               "each node kept its own files (checkpoint.use_node_local_storage); copy the nodes' checkpoint folders "
+               "into one shared folder first" if node_local else None)
+    ranks.all_ranks_or_raise(why_not is None, f"Checkpoint {tag!r} was written by {saved_world} processes, this job "
+                             f"has {world}, and it cannot be resumed on another number: {why_not}. Resume it on "
+                             f"{saved_world} processes.", ValueError)
+    states = reshard.load_states(os.path.join(load_dir, tag))
+    saved = states[0]["beamlora"]
+    _check_fits(saved, beam, tag)
+    if stage == 0:  # ZeRO-0 keeps whole tensors and one optimizer state: DeepSpeed loads it on any world size
+        path, client_state = engine.load_checkpoint(load_dir, tag=tag)
+    else:
+        path, client_state = reshard.load_universal(
+            engine, reshard.convert_to_universal(load_dir, tag, ranks.owns_folders(engine)), tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag!r} from {load_dir!r}.")
+    if saved["snapshot"] is not None and stage > 0:
+        ranges = make_access(beam.modules, engine).snapshot_ranges()
+        saved = dict(saved, snapshot=reshard.recut_snapshot([s["beamlora"]["snapshot"] for s in states], ranges,
+                                                            world))
+    beam.load_state_dict(saved)
+    if ranks.rank() < saved_world:  # a process the old run did not have keeps its seeded streams
+        set_rng_state(states[ranks.rank()]["rng"])
+    logger.info("Resumed checkpoint %r of %d processes on %d (ZeRO-%d%s).", tag, saved_world, world, stage,
+                ", through DeepSpeed's universal checkpoint" if stage else "")
+    return path, client_state
+
+
+def _saved_world_size(folder: str) -> int:
+    """From the manifest (under node-local storage a node's folder holds only its own processes' files), else
+    one state file per process."""
+    saved = manifest.read_manifest(folder)
+    world = (saved or {}).get("extra", {}).get("world_size")
+    return int(world) if world else reshard.saved_world_size(folder)
+
+
+def _choose_tag(engine, load_dir: str, tag: Optional[str], fallback: bool) -> str:
+    """The tag to load, verified: `tag`, else the one `latest` names; damaged, refused or (fallback) replaced by
+    the newest intact checkpoint."""
     if tag is None:
-        latest = os.path.join(load_dir, "latest")
-        ranks.all_ranks_or_raise(os.path.isfile(latest), f"No checkpoint to resume in {load_dir!r}: it has no "
+        latest = _read_latest(load_dir)
+        ranks.all_ranks_or_raise(latest is not None, f"No checkpoint to resume in {load_dir!r}: it has no "
                                  "'latest' file.")
-        with open(latest) as f:
-            tag = f.read().strip()
+        tag = latest
     ranks.all_ranks_or_raise(os.path.isdir(os.path.join(load_dir, tag)), f"{load_dir}/latest names {tag!r}, which "
                              "is not a folder there: the checkpoint was moved or deleted. Point --output_dir at the "
                              "run's folder.")
-    state_path = os.path.join(load_dir, tag, STATE_FILE.format(rank=ranks.rank()))
-    ranks.all_ranks_or_raise(os.path.isfile(state_path), f"{state_path} is missing on some process: the checkpoint "
-                             f"{tag!r} was not written by beamlora_ds.save_checkpoint with this number of processes.")
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
-    check_score_layout(state["beamlora"], beam, tag)
-    problem = beam.tensor_parallel_problem(state["beamlora"])  # the same on every process of one run
-    ranks.all_ranks_or_raise(problem is None, f"Checkpoint {tag!r}: {problem or 'another tensor-parallel split.'}",
-                             ValueError)
-    path, client_state = engine.load_checkpoint(load_dir, tag=tag)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag!r} from {load_dir!r}.")
-    beam.load_state_dict(state["beamlora"])
-    set_rng_state(state["rng"])
-    return path, client_state
+    problem = _verify_everywhere(engine, os.path.join(load_dir, tag))
+    if problem is None:
+        return tag
+    if not fallback:
+        raise CheckpointDamagedError(problem)
+    for candidate in manifest.checkpoint_tags(load_dir):
+        if candidate != tag and _verify_everywhere(engine, os.path.join(load_dir, candidate)) is None:
+            logger.warning("%s Resuming from %r instead, the newest intact checkpoint.", problem, candidate)
+            return candidate
+    raise CheckpointDamagedError(f"{problem} No other checkpoint in {load_dir!r} is intact.")
+
+
+def _verify_everywhere(engine, folder: str) -> Optional[str]:
+    """The folder checked against its manifest, each process hashing a share of the files; the first problem any
+    process found, on every process. A checkpoint from before manifests passes, with a warning."""
+    if manifest.read_manifest(folder) is None and os.path.isdir(folder):
+        if ranks.is_process_zero():
+            logger.warning("Checkpoint %r has no manifest (written before beamlora_ds checked checkpoints): it is "
+                           "loaded without an integrity check.", folder)
+        return None
+    if getattr(engine, "use_node_local_storage", lambda: False)():  # each node checks the folder it sees
+        part = (int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_SIZE", 0))
+                or int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or 0)
+        part = part if part[1] > part[0] else (0, 1)
+    else:
+        part = (ranks.rank(), ranks.world_size())
+    try:
+        problem = manifest.verify(folder, part=part)
+    except manifest.ManifestError as e:
+        problem = str(e)
+    return ranks.first_problem(problem)
 
 
 def rng_state() -> dict:

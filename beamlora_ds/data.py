@@ -107,21 +107,32 @@ def collate(examples: Sequence[Dict[str, List[int]]], pad_id: int) -> Dict[str, 
 
 
 def micro_batches(n_examples: int, micro_batch: int, world_size: int, rank: int, seed: int,
-                  start_micro_step: int = 0) -> Iterator[List[int]]:
-    """Endless example indices for this rank: epoch e is a permutation seeded by (seed, e), split into global
-    micro-batches of micro_batch * world_size (the incomplete tail is dropped). Skips `start_micro_step` first."""
-    per_epoch = n_examples // (micro_batch * world_size)
+                  start_micro_step: int = 0, accumulation: int = 1) -> Iterator[List[int]]:
+    """Endless example indices for this data-parallel rank, one micro-batch per call.
+
+    The order is defined by the global batch G = micro_batch x accumulation x world_size, not by how it is
+    split: epoch e is a permutation seeded by (seed, e), cut into global batches of G (the incomplete tail is
+    dropped), each cut into G / micro_batch micro-batches; micro-batch j of a global batch goes to rank
+    j % world_size at accumulation step j // world_size. So 2 processes taking one micro-batch each and 1
+    process accumulating two see the same examples in the same micro-batches, and a run resumed on another
+    number of processes (same global batch) continues on the same data (docs/training.md, "Resuming on a
+    different number of GPUs"). Skips `start_micro_step` micro-steps (accumulation steps) first.
+    """
+    global_batch = micro_batch * accumulation * world_size
+    per_epoch = n_examples // global_batch
     if per_epoch == 0:
-        raise DataError(f"{n_examples} examples are fewer than one global micro-batch "
-                        f"({micro_batch} per process x {world_size} processes).")
-    step = start_micro_step
+        raise DataError(f"{n_examples} examples are fewer than one global batch ({micro_batch} per process x "
+                        f"{accumulation} accumulation x {world_size} processes).")
+    micro_step = start_micro_step
     while True:
+        step, accumulated = divmod(micro_step, accumulation)
         epoch, within = divmod(step, per_epoch)
         order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
-        first = within * micro_batch * world_size + rank * micro_batch
+        first = within * global_batch + (accumulated * world_size + rank) * micro_batch
         yield order[first: first + micro_batch]
-        step += 1
+        micro_step += 1
 
 
 def steps_per_epoch(n_examples: int, micro_batch: int, world_size: int, accumulation: int) -> int:
-    return n_examples // (micro_batch * world_size) // accumulation
+    """Optimizer steps per epoch: whole global batches (micro_batches() drops the tail)."""
+    return n_examples // (micro_batch * world_size * accumulation)

@@ -9,7 +9,7 @@ is one process and every helper is a no-op.
 """
 from __future__ import annotations
 
-from typing import Type
+from typing import Optional, Type
 
 import torch
 
@@ -83,6 +83,17 @@ def all_ranks_or_raise(ok: bool, message: str, error: Type[Exception] = FileNotF
         ok = bool(flag.item())
     if not ok:
         raise error(message)
+
+
+def first_problem(problem: Optional[str]) -> Optional[str]:
+    """The first non-None `problem` of any process (in rank order), on every process: for checks that each
+    process makes on its own share of the work and whose message only the finder knows."""
+    dist = _comm()
+    if dist is None or not is_distributed():
+        return problem
+    found = [None] * world_size()
+    torch.distributed.all_gather_object(found, problem)
+    return next((p for p in found if p is not None), None)
 
 
 def owns_folders(engine) -> bool:

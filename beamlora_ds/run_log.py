@@ -6,6 +6,7 @@ back by `telemetry.current_records` (a `resume` record supersedes what an interr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Optional
@@ -58,3 +59,11 @@ class RunLog:
                    f"non-finite loss ({loss}) at step {step}: "
                    + ("DeepSpeed skipped the update (fp16 overflow)" if not step_applied
                       else "the next BeamLoRA reset will be skipped"))
+
+
+def configure_logging() -> None:
+    """launch/train.py's logging: INFO on process 0, warnings elsewhere; resets get their own progress line."""
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "beamlora_ds.controller"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # resets get their own line in the progress output

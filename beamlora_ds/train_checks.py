@@ -33,6 +33,10 @@ CONFIG_FLAGS = {"r": "--lora_r", "alpha": "--lora_alpha", "dropout": "--lora_dro
 RUN_RESUME_FLAGS = ("--model_name_or_path", "--dataset", "--target_modules", "--max_steps",
                     "--per_device_train_batch_size", "--gradient_accumulation_steps", "--quantization")
 RESUME_FLAGS = tuple(CONFIG_FLAGS[f] for f in RESUME_FIELDS if f in CONFIG_FLAGS) + RUN_RESUME_FLAGS
+# How a step's global batch is split may change on resume (another number of GPUs), as long as the global batch
+# stays (check_resume_batch); run_args.json records it under this key. Runs from before it keep both flags.
+BATCH_SPLIT_FLAGS = ("--per_device_train_batch_size", "--gradient_accumulation_steps")
+GLOBAL_BATCH = "global_batch"
 
 
 def check_output_dir(args):
@@ -42,11 +46,9 @@ def check_output_dir(args):
         if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
             raise UsageError(f"--resume but {ckpt_dir} has no checkpoint ('latest' file). Drop --resume to "
                              "start a new run.")
-        saved = os.path.join(args.output_dir, "run_args.json")
-        if os.path.isfile(saved):
-            with open(saved) as f:
-                before = json.load(f)
-            keys = [flag[2:] for flag in RESUME_FLAGS]
+        before = saved_run_args(args.output_dir)
+        if before is not None:
+            keys = [flag[2:] for flag in RESUME_FLAGS if not (GLOBAL_BATCH in before and flag in BATCH_SPLIT_FLAGS)]
             changed = [f"--{k}: was {before.get(k)!r}, now {getattr(args, k)!r}" for k in keys
                        if k in before and before[k] != getattr(args, k)]
             if changed:
@@ -181,6 +183,43 @@ def check_tensor_parallel(tp: int, world_size: int, args=None, beam_config=None,
         targets=beam_config.target_modules if beam_config is not None else ())
     if problem:
         raise UsageError(problem)
+
+
+def saved_run_args(output_dir: str):
+    """The run_args.json a run wrote into `output_dir` (None when there is none)."""
+    path = os.path.join(output_dir, "run_args.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def global_batch_record(config: dict, replicas: int) -> dict:
+    """How a step's examples are split: what run_args.json keeps for check_resume_batch."""
+    return {"train_batch_size": config["train_batch_size"], "per_device": config["train_micro_batch_size_per_gpu"],
+            "accumulation": config["gradient_accumulation_steps"], "data_parallel": replicas}
+
+
+def check_resume_batch(args, config: dict, replicas: int) -> None:
+    """A resume may split the global batch otherwise (another number of GPUs: a new micro-batch or accumulation),
+    never change it unless asked: the data order and the run it continues are defined by it (data.micro_batches)."""
+    before = saved_run_args(args.output_dir) if args.resume else None
+    if not before or GLOBAL_BATCH not in before or args.allow_new_global_batch:
+        return
+    was, now = before[GLOBAL_BATCH], global_batch_record(config, replicas)
+    if was["train_batch_size"] == now["train_batch_size"]:
+        return
+    fits = [f"--gradient_accumulation_steps {was['train_batch_size'] // (m * replicas)}"
+            + ("" if m == now["per_device"] else f" --per_device_train_batch_size {m}")
+            for m in (now["per_device"], was["per_device"]) if was["train_batch_size"] % (m * replicas) == 0]
+    fix = (f"keep it with {fits[0]}" if fits else
+           f"no micro-batch x accumulation on {replicas} data-parallel processes makes {was['train_batch_size']}")
+    raise UsageError(
+        f"--resume with another global batch: the checkpoint's run took {was['train_batch_size']} examples per step "
+        f"({was['per_device']} per process x {was['accumulation']} accumulation x {was['data_parallel']} processes), "
+        f"this launch would take {now['train_batch_size']} ({now['per_device']} x {now['accumulation']} x "
+        f"{replicas}). To continue the same run, {fix}; or pass --allow_new_global_batch to go on with the new one "
+        "(the data order then changes and the run no longer follows the one it continues).")
 
 
 def resolve_batch(args, raw_config: dict, world_size: int) -> dict:

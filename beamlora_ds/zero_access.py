@@ -201,6 +201,12 @@ class ZeroAccess(PlatformAccess):
                                     "moments": {k: frags[name].read(k) for k in keys}}
                              for name in ("lora_A", "lora_B")} for frags in self.fragments]}
 
+    def snapshot_ranges(self) -> List[Dict[str, tuple]]:
+        """Per module, {"lora_A": (start, numel), "lora_B": ...}: the fragments a snapshot taken now would hold
+        (what a snapshot written on another number of processes is cut again to, reshard.py)."""
+        return [{name: (frags[name].start, frags[name].numel) for name in ("lora_A", "lora_B")}
+                for frags in self.fragments]
+
     def _gather_source_values(self, snapshot: dict, plans: Sequence[ModuleReset], keys: Sequence[Optional[str]]
                               ) -> Dict[tuple, torch.Tensor]:
         """The snapshot's source rows of A and columns of B (master and moments), rebuilt from every process's

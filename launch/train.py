@@ -25,15 +25,16 @@ import beamlora_ds  # noqa: E402
 from beamlora_ds import data as data_lib  # noqa: E402
 from beamlora_ds import ds_config as dsc  # noqa: E402
 from beamlora_ds import models, processes, quant, support  # noqa: E402
+from beamlora_ds.checkpoint import CheckpointDamagedError, CheckpointWriteError  # noqa: E402
 from beamlora_ds.config import LLAMA_PROJECTIONS, BeamLoRAConfig  # noqa: E402
 from beamlora_ds.evaluate import exact_match  # noqa: E402
 from beamlora_ds.engine import all_reduce_to_cpu, initialize_engine, optimizer_step  # noqa: E402
 from beamlora_ds.processes import release_shm_buffers  # noqa: E402
-from beamlora_ds.run_log import RunLog  # noqa: E402
-from beamlora_ds.train_checks import (UsageError, show_defaults, check_arguments, check_output_dir,  # noqa: E402
-                                      fill_defaults,
-                                      check_targets_before_loading, check_tensor_parallel, make_beam_config,
-                                      resolve_batch, tensor_parallel_degree)
+from beamlora_ds.run_log import RunLog, configure_logging  # noqa: E402
+from beamlora_ds.train_checks import (GLOBAL_BATCH, UsageError, check_arguments, check_output_dir,  # noqa: E402
+                                      check_resume_batch, check_targets_before_loading, check_tensor_parallel,
+                                      fill_defaults, global_batch_record, make_beam_config, resolve_batch,
+                                      show_defaults, tensor_parallel_degree)
 
 logger = logging.getLogger("beamlora_ds.train")
 
@@ -119,7 +120,12 @@ def _training_and_output_options(p):
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", default=None, help="run folder: checkpoints, adapter, log.jsonl, run_args.json")
     g.add_argument("--overwrite_output_dir", action="store_true", help="write into a non-empty output_dir")
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    g.add_argument("--resume", nargs="?", const="latest", default=None, choices=["latest", "auto"],
+                   help="continue from the checkpoint `latest` names in output_dir (refused if it is damaged); "
+                        "'--resume auto': from the newest intact one. Another number of GPUs is fine if the global "
+                        "batch stays (docs/training.md)")
+    g.add_argument("--allow_new_global_batch", action="store_true",
+                   help="let --resume change the global batch (the data order changes)")
     g.add_argument("--save_steps", type=int, default=None, help="checkpoint every N optimizer steps; 0: at the end")
     g.add_argument("--logging_steps", type=int, default=None, help="a log.jsonl record every N steps")
     g.add_argument("--stop_after", type=int, default=0,
@@ -177,6 +183,7 @@ def check(args) -> RunState:
     state.world = processes.launched_world_size(os.environ)
     check_tensor_parallel(tp, state.world, args, early_beam_config)
     state.config = resolve_batch(args, raw_config, state.replicas)
+    check_resume_batch(args, state.config, state.replicas)
     state.precision = dsc.precision(state.config)
     support.check_zero_support(stage, state.precision, dsc.offload_param_device(raw_config), cli=True,
                                four_bit=args.quantization == "nf4")
@@ -223,6 +230,7 @@ def connect(state: RunState):
     if state.world != announced:
         check_tensor_parallel(state.tp, state.world)
         state.config = resolve_batch(state.args, state.raw_config, state.replicas)
+        check_resume_batch(state.args, state.config, state.replicas)
     # on every process, whatever its own cache showed before connecting: the conversion's barrier must pair up
     path = models.model_path(state.name, state.rank, barrier=dist.barrier)
     if state.examples is None:
@@ -248,9 +256,10 @@ def build(state: RunState):
     if state.rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "run_args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+            json.dump(dict(vars(args), **{GLOBAL_BATCH: global_batch_record(state.config, state.replicas)}), f,
+                      indent=1)
     if args.resume:
-        beamlora_ds.load_checkpoint(state.engine, state.beam, state.ckpt_dir)
+        beamlora_ds.load_checkpoint(state.engine, state.beam, state.ckpt_dir, fallback=args.resume == "auto")
         state.start_step = state.saved_step = state.beam.global_step
 
 
@@ -304,7 +313,7 @@ def train(state: RunState) -> bool:
     """From the first step not done yet to the end; False when --stop_after ended it (checkpointed) early."""
     args, total = state.args, state.total_steps
     batches = data_lib.micro_batches(len(state.examples), state.micro, state.replicas, state.replica, args.seed,
-                                     start_micro_step=state.start_step * state.accum)
+                                     start_micro_step=state.start_step * state.accum, accumulation=state.accum)
     tick = time.time()
     for step in range(state.start_step + 1, total + 1):
         loss, lr, tokens = train_step(state, step, batches)
@@ -352,18 +361,11 @@ def finish(state: RunState):
 
 
 # ---------------------------------------------------------------------------------------------- the entry
-def configure_logging():
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "beamlora_ds.controller"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)  # resets get their own line in the progress output
-
-
 def run(argv=None):
     """check -> read the data and the architecture (now, unless the model must first be converted) -> connect
     the processes -> build -> train -> finish."""
     args = fill_defaults(parse_args(argv), BUILTIN_DEFAULTS, PAPER_DEFAULTS)
-    configure_logging()
+    configure_logging()  # process 0 speaks; DeepSpeed's and the controller's chatter stays below warnings
     state = check(args)
     path = models.ready_path(state.name)
     if path is not None:  # refusals that need the data or the architecture come before any process waits
@@ -379,7 +381,7 @@ def run(argv=None):
 
 # what main() reports as one "error:" line with exit code 2: the user's input, not a bug
 REFUSALS = (UsageError, dsc.DSConfigError, data_lib.DataError, beamlora_ds.ConfigError, support.UnsupportedSetupError,
-            processes.LaunchEnvironmentError)
+            processes.LaunchEnvironmentError, CheckpointDamagedError)
 
 
 def main(argv=None):
@@ -389,6 +391,9 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:
             print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
         sys.exit(2)
+    except CheckpointWriteError as e:  # on the process whose write failed, which may not be process 0
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

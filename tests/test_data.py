@@ -65,5 +65,27 @@ def test_micro_batches_partition_each_epoch_and_resume_midway():
     assert len(flat) == len(set(flat)) == 8
     assert take(0, 5)[3:] == take(0, 2, start=3)  # skipping into the stream gives the same batches
     assert take(0, 4)[2:] != take(0, 2)  # a new epoch reshuffles
-    with pytest.raises(data.DataError, match="fewer than one global micro-batch"):
+    with pytest.raises(data.DataError, match="fewer than one global batch"):
         next(data.micro_batches(3, micro_batch=2, world_size=2, rank=0, seed=0))
+
+
+@pytest.mark.parametrize("n", [23, 24, 40])  # 23: each epoch's tail is not a whole global batch
+def test_micro_batches_follow_the_global_batch_not_the_world_size(n):
+    """The same global batch of 8 split four ways (micro 2, accumulation x processes = 1x4, 2x2, 4x1, and micro 4
+    x 1 x 2 is another split: other micro-batches) gives, step by step, the same micro-batches across epochs."""
+    def steps(micro, accumulation, world, n_steps=7, start_step=0):
+        streams = [data.micro_batches(n, micro, world, rank, seed=3, start_micro_step=start_step * accumulation,
+                                      accumulation=accumulation) for rank in range(world)]
+        out = []
+        for _ in range(n_steps):
+            per_rank = [[next(s) for _ in range(accumulation)] for s in streams]
+            out.append(sorted(sorted(b) for rank_batches in per_rank for b in rank_batches))
+        return out
+
+    reference = steps(2, 1, 4)
+    assert steps(2, 2, 2) == reference and steps(2, 4, 1) == reference
+    assert steps(2, 2, 2, n_steps=4, start_step=3) == reference[3:]  # a resume on another world size
+    per_epoch = data.steps_per_epoch(n, 2, 4, 1)
+    assert per_epoch == n // 8 and data.steps_per_epoch(n, 2, 1, 4) == per_epoch
+    epoch = [i for batch in reference[:per_epoch] for i in sum(batch, [])]
+    assert len(set(epoch)) == len(epoch) == per_epoch * 8  # each epoch: no example twice
