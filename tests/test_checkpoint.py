@@ -1,5 +1,6 @@
 """checkpoint.py in one process: tag validation, the refusals of load_checkpoint, and the RNG round trip. Real
 DeepSpeed saves and resumes (killed at every step of a save): tests/distributed/test_kill_resume.py."""
+import os
 import random
 import types
 
@@ -89,3 +90,38 @@ def test_a_checkpoint_of_another_tensor_parallel_split_is_refused_before_deepspe
 
     with pytest.raises(ValueError, match="global_step8.*another tensor-parallel split.*beamlora-export"):
         load_checkpoint(EngineThatMustNotLoad(), beam, str(tmp_path))
+
+
+class StandInEngine:
+    """Just enough of an engine for save_checkpoint's own staging, manifest and `latest` (the launch test in
+    tests/distributed/test_checkpoint_integrity.py fails DeepSpeed's real writes)."""
+
+    def __init__(self, step):
+        self.global_steps = step
+        self.checkpoint_engine = None
+
+    def zero_optimization_stage(self):
+        return 2
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        torch.save({"weights": torch.arange(10.0)}, os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
+
+
+@pytest.mark.parametrize("point", ["state", "manifest", "latest"])
+def test_a_failed_write_leaves_the_previous_checkpoint_and_latest(tmp_path, monkeypatch, point):
+    from beamlora_ds import BeamLoRAConfig, apply, manifest
+    from helpers import TwoLayerNet
+
+    beam = apply(TwoLayerNet(), BeamLoRAConfig(r=4, alpha=8.0, total_steps=40, interval=8))
+    save_dir = str(tmp_path)
+    assert save_checkpoint(StandInEngine(2), beam, save_dir) == "global_step2"
+    monkeypatch.setenv("BEAMLORA_DS_FAIL_WRITE_AT", f"{point}@4")
+    with pytest.raises(checkpoint.CheckpointWriteError, match="No space left.*'latest' \\(global_step2\\) are untouched"):
+        save_checkpoint(StandInEngine(4), beam, save_dir)
+    assert (tmp_path / "latest").read_text() == "global_step2"
+    assert manifest.verify(str(tmp_path / "global_step2")) is None
+    assert not (tmp_path / "global_step4.partial").exists()  # what the failed save wrote is freed
+    # failing at `latest`, the new folder was already complete and published; `latest` did not move
+    assert (tmp_path / "global_step4").exists() == (point == "latest")
+    if point == "latest":
+        assert manifest.verify(str(tmp_path / "global_step4")) is None
