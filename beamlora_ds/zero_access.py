@@ -232,8 +232,8 @@ class ZeroAccess(PlatformAccess):
     def apply_reset(self, plans, new_logits, snapshot, inherit_moments):
         if snapshot.get("world_size") != self.dist.get_world_size(group=self.group):
             raise RuntimeError("The BeamLoRA snapshot was taken with a different number of processes; it holds "
-                               "per-process shards. Resume with the same world size, or from a checkpoint taken "
-                               "outside the snapshot-to-reset window.")
+                               "per-process shards. Resume with beamlora_ds.load_checkpoint, which cuts them again "
+                               "for this number, not with the controller's load_state_dict alone.")
         keys = [None] + (list(snapshot["moment_keys"]) if inherit_moments else [])
         values = self._gather_source_values(snapshot, plans, keys) if plans else {}
         fragments = self.fragments
