@@ -221,7 +221,7 @@ def _choose_tag(engine, load_dir: str, tag: Optional[str], fallback: bool) -> st
         latest = _read_latest(load_dir)
         ranks.all_ranks_or_raise(latest is not None, f"No checkpoint to resume in {load_dir!r}: it has no "
                                  "'latest' file.")
-        tag = latest
+        tag = _agreed_latest(load_dir, latest)
     ranks.all_ranks_or_raise(os.path.isdir(os.path.join(load_dir, tag)), f"{load_dir}/latest names {tag!r}, which "
                              "is not a folder there: the checkpoint was moved or deleted. Point --output_dir at the "
                              "run's folder.")
@@ -235,6 +235,24 @@ def _choose_tag(engine, load_dir: str, tag: Optional[str], fallback: bool) -> st
             logger.warning("%s Resuming from %r instead, the newest intact checkpoint.", problem, candidate)
             return candidate
     raise CheckpointDamagedError(f"{problem} No other checkpoint in {load_dir!r} is intact.")
+
+
+def _agreed_latest(load_dir: str, latest: str) -> str:
+    """One tag for every process. With node-local storage each node moves its own `latest`, and a node stopped
+    between publishing and moving it leaves them different: then the newest checkpoint every node has."""
+    every = ranks.all_values(latest)
+    if len(set(every)) == 1:
+        return latest
+    common = ranks.all_values(manifest.checkpoint_tags(load_dir))
+    shared = [t for t in common[0] if all(t in tags for tags in common)]  # newest first
+    if not shared:
+        raise CheckpointDamagedError(f"The processes' 'latest' files name different checkpoints ({sorted(set(every))}"
+                                     ") and no checkpoint is published on every node; resume is not possible.")
+    if ranks.is_process_zero():
+        logger.warning("The nodes' 'latest' files name different checkpoints (%s): a node stopped between publishing "
+                       "a checkpoint and moving its 'latest'. Resuming from %r, the newest one every node has.",
+                       sorted(set(every)), shared[0])
+    return shared[0]
 
 
 def _verify_everywhere(engine, folder: str) -> Optional[str]:

@@ -160,3 +160,8 @@ def _find_auto(node, path: str = "") -> Optional[str]:
             if found:
                 return found
     return None
+
+
+def node_local_storage(config: dict) -> bool:
+    """DeepSpeed's `checkpoint.use_node_local_storage`: each node keeps its own processes' checkpoint files."""
+    return bool((config.get("checkpoint") or {}).get("use_node_local_storage", False))

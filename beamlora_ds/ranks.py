@@ -9,6 +9,7 @@ is one process and every helper is a no-op.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Type
 
 import torch
@@ -85,15 +86,55 @@ def all_ranks_or_raise(ok: bool, message: str, error: Type[Exception] = FileNotF
         raise error(message)
 
 
+def all_values(value) -> list:
+    """Every process's `value` (picklable), in rank order, on every process."""
+    if not is_distributed():
+        return [value]
+    values = [None] * world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
 def first_problem(problem: Optional[str]) -> Optional[str]:
     """The first non-None `problem` of any process (in rank order), on every process: for checks that each
     process makes on its own share of the work and whose message only the finder knows."""
-    dist = _comm()
-    if dist is None or not is_distributed():
-        return problem
-    found = [None] * world_size()
-    torch.distributed.all_gather_object(found, problem)
-    return next((p for p in found if p is not None), None)
+    return next((p for p in all_values(problem) if p is not None), None)
+
+
+SHARED_CHECK = ".beamlora_shared_check"
+
+
+def check_shared_folder(folder: str, node_local: bool, error: Type[Exception] = ValueError) -> None:
+    """Refuse, on every process, an output folder that not every process sees (nodes without a shared file
+    system), unless DeepSpeed's node-local checkpoint storage is on: one process renames checkpoint folders and
+    moves `latest`, so the other nodes' files would never be published and a resume would find half a checkpoint.
+    Process 0 writes a token, every process reads it back."""
+    if node_local or not is_distributed():
+        return
+    import secrets
+
+    path = os.path.join(folder, SHARED_CHECK)
+    token = secrets.token_hex(8) if rank() == 0 else None
+    if token is not None:
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(token)
+    tokens = all_values(token)  # also the barrier after the write
+    try:
+        with open(path) as f:
+            seen = f.read() == tokens[0]
+    except OSError:
+        seen = False
+    try:
+        all_ranks_or_raise(seen, f"The output folder {folder!r} is not shared by all processes: some process (on "
+                           "another node) does not see what process 0 wrote there. Checkpoints need one folder that "
+                           "every node sees (a shared file system), or DeepSpeed's node-local storage: add "
+                           '"checkpoint": {"use_node_local_storage": true} to the ds_config (each node then keeps '
+                           "its own processes' files and must resume with the same nodes).", error)
+    finally:
+        barrier()
+        if token is not None:
+            os.remove(path)
 
 
 def owns_folders(engine) -> bool:

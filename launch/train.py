@@ -22,9 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import beamlora_ds  # noqa: E402
-from beamlora_ds import data as data_lib  # noqa: E402
-from beamlora_ds import ds_config as dsc  # noqa: E402
-from beamlora_ds import models, processes, quant, support  # noqa: E402
+from beamlora_ds import data as data_lib, ds_config as dsc  # noqa: E402
+from beamlora_ds import models, processes, quant, ranks, support  # noqa: E402
 from beamlora_ds.checkpoint import CheckpointDamagedError, CheckpointWriteError  # noqa: E402
 from beamlora_ds.config import LLAMA_PROJECTIONS, BeamLoRAConfig  # noqa: E402
 from beamlora_ds.evaluate import exact_match  # noqa: E402
@@ -231,6 +230,7 @@ def connect(state: RunState):
         check_tensor_parallel(state.tp, state.world)
         state.config = resolve_batch(state.args, state.raw_config, state.replicas)
         check_resume_batch(state.args, state.config, state.replicas)
+    ranks.check_shared_folder(state.args.output_dir, dsc.node_local_storage(state.raw_config), UsageError)
     # on every process, whatever its own cache showed before connecting: the conversion's barrier must pair up
     path = models.model_path(state.name, state.rank, barrier=dist.barrier)
     if state.examples is None:
@@ -388,7 +388,7 @@ def main(argv=None):
     try:
         run(argv)
     except REFUSALS as e:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # once per node: each node's log shows why it stopped
             print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
         sys.exit(2)
     except CheckpointWriteError as e:  # on the process whose write failed, which may not be process 0
