@@ -101,40 +101,43 @@ def first_problem(problem: Optional[str]) -> Optional[str]:
     return next((p for p in all_values(problem) if p is not None), None)
 
 
-SHARED_CHECK = ".beamlora_shared_check"
+SHARED_CHECK = ".beamlora_shared_check-{nonce}-{rank}"
 
 
 def check_shared_folder(folder: str, node_local: bool, error: Type[Exception] = ValueError) -> None:
-    """Refuse, on every process, an output folder that not every process sees (nodes without a shared file
-    system), unless DeepSpeed's node-local checkpoint storage is on: one process renames checkpoint folders and
-    moves `latest`, so the other nodes' files would never be published and a resume would find half a checkpoint.
-    Process 0 writes a token, every process reads it back."""
-    if node_local or not is_distributed():
+    """Refuse, on every process, an output folder that does not fit how checkpoints are published. Without
+    DeepSpeed's node-local storage, process 0 renames checkpoint folders and moves `latest`: every process must see
+    the folder it writes in (a shared file system), or the other nodes' files are never published. With it, each
+    node's first process publishes its node's folder: nodes must not share one, or two would rename the same
+    folder. Each node's first process writes a probe file; every process says whose it sees."""
+    if not is_distributed():
         return
     import secrets
 
-    path = os.path.join(folder, SHARED_CHECK)
-    token = secrets.token_hex(8) if rank() == 0 else None
-    if token is not None:
+    nonce = all_values(secrets.token_hex(8) if rank() == 0 else None)[0]
+    writes = int(os.environ.get("LOCAL_RANK", rank())) == 0  # each node's first process
+    probe = os.path.join(folder, SHARED_CHECK.format(nonce=nonce, rank=rank()))
+    if writes:
         os.makedirs(folder, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(token)
-    tokens = all_values(token)  # also the barrier after the write
+        open(probe, "w").close()
+    writers = [r for r, w in enumerate(all_values(writes)) if w]  # also the barrier after the writes
+    seen = [r for r in writers if os.path.exists(os.path.join(folder, SHARED_CHECK.format(nonce=nonce, rank=r)))]
     try:
-        with open(path) as f:
-            seen = f.read() == tokens[0]
-    except OSError:
-        seen = False
-    try:
-        all_ranks_or_raise(seen, f"The output folder {folder!r} is not shared by all processes: some process (on "
-                           "another node) does not see what process 0 wrote there. Checkpoints need one folder that "
-                           "every node sees (a shared file system), or DeepSpeed's node-local storage: add "
-                           '"checkpoint": {"use_node_local_storage": true} to the ds_config (each node then keeps '
-                           "its own processes' files and must resume with the same nodes).", error)
+        if node_local:
+            all_ranks_or_raise(len(seen) <= 1, f"DeepSpeed's node-local checkpoint storage is on, but the output "
+                               f"folder {folder!r} is shared by the nodes: each node's first process would publish "
+                               "the same checkpoint folders. Remove \"use_node_local_storage\" from the ds_config's "
+                               "\"checkpoint\" section (a shared folder needs no node-local storage).", error)
+        else:
+            all_ranks_or_raise(0 in seen, f"The output folder {folder!r} is not shared by all processes: some "
+                               "process (on another node) does not see what process 0 wrote there. Checkpoints need "
+                               "one folder that every node sees (a shared file system), or DeepSpeed's node-local "
+                               'storage: add "checkpoint": {"use_node_local_storage": true} to the ds_config (each '
+                               "node then keeps its own processes' files and must resume on the same nodes).", error)
     finally:
         barrier()
-        if token is not None:
-            os.remove(path)
+        if writes:
+            os.remove(probe)
 
 
 def owns_folders(engine) -> bool:

@@ -12,7 +12,7 @@ stays off (it needs every rank on one node) and every collective goes over gloo/
   fails on the broken connection within seconds, no dist-timeout wait); both resumed with --resume: the final
   adapter and the losses equal the uninterrupted run's.
 - a folder per node (file systems the nodes do not share): refused at start on every node without DeepSpeed's
-  node-local storage; with it, each node publishes its own folder, and a resume after node 1 was killed between
+  node-local storage (and node-local storage on a shared folder is refused too); with it, each node publishes its own folder, and a resume after node 1 was killed between
   publishing and moving its `latest` agrees on the newest checkpoint both nodes have published and ends as the
   uninterrupted run.
 """
@@ -208,18 +208,33 @@ def test_unshared_output_folders_are_refused_at_start(tmp_path):
     assert not (tmp_path / "node0" / "checkpoints").exists() and not (tmp_path / "node1" / "checkpoints").exists()
 
 
+def node_local_config(tmp_path):
+    with open(os.path.join(ROOT, "ds_configs", "zero2.json")) as f:
+        ds = json.load(f)
+    ds["checkpoint"] = {"use_node_local_storage": True}
+    local_config = tmp_path / "zero2_node_local.json"
+    local_config.write_text(json.dumps(ds))
+    return [str(local_config) if a == "ds_configs/zero2.json" else a for a in RUN]
+
+
+def test_node_local_storage_on_a_shared_folder_is_refused_at_start(tmp_path):
+    """Each node's first process would rename the same checkpoint folders (seen before this check: a
+    FileNotFoundError in one rename, and the loser deleting the winner's staging folder)."""
+    out = tmp_path / "run"
+    procs = launch_two_nodes(tmp_path, [out, out], *node_local_config(tmp_path))
+    for p in procs:
+        assert p.returncode != 0 and "the output folder" in p.stdout and "is shared by the nodes" in p.stdout, \
+            _tail(procs)
+    assert not (out / "checkpoints").exists()
+
+
 def test_node_local_checkpoints_with_diverging_latest_resume_consistently(two_node_reference, tmp_path):
     """A folder per node with node-local storage: each node's local rank 0 publishes its own folder and moves its
     own `latest`. Node 1 killed between its rename and its `latest` leaves the nodes' `latest` at step 4 and 2: the
     resume agrees on the newest checkpoint every node has published (step 4: node 1's was renamed into place) and
     ends as the uninterrupted run."""
     reference, _ = two_node_reference
-    with open(os.path.join(ROOT, "ds_configs", "zero2.json")) as f:
-        ds = json.load(f)
-    ds["checkpoint"] = {"use_node_local_storage": True}
-    local_config = tmp_path / "zero2_node_local.json"
-    local_config.write_text(json.dumps(ds))
-    run = [str(local_config) if a == "ds_configs/zero2.json" else a for a in RUN]
+    run = node_local_config(tmp_path)
     dirs = [tmp_path / "node0", tmp_path / "node1"]
     killed = launch_two_nodes(tmp_path, dirs, *run, kill_node1_at="latest@4:1")
     assert killed[1].returncode != 0, _tail(killed)
