@@ -230,11 +230,19 @@ def _choose_tag(engine, load_dir: str, tag: Optional[str], fallback: bool) -> st
         return tag
     if not fallback:
         raise CheckpointDamagedError(problem)
-    for candidate in manifest.checkpoint_tags(load_dir):
+    for candidate in _tags_every_process_has(load_dir):  # the same candidates, in the same order, everywhere
         if candidate != tag and _verify_everywhere(engine, os.path.join(load_dir, candidate)) is None:
-            logger.warning("%s Resuming from %r instead, the newest intact checkpoint.", problem, candidate)
+            if ranks.is_process_zero():
+                logger.warning("%s Resuming from %r instead, the newest intact checkpoint.", problem, candidate)
             return candidate
     raise CheckpointDamagedError(f"{problem} No other checkpoint in {load_dir!r} is intact.")
+
+
+def _tags_every_process_has(load_dir: str) -> list:
+    """Published checkpoints, newest first, that every process sees (with node-local storage each node lists its
+    own folder)."""
+    every = ranks.all_values(manifest.checkpoint_tags(load_dir))
+    return [t for t in every[0] if all(t in tags for tags in every)]
 
 
 def _agreed_latest(load_dir: str, latest: str) -> str:
@@ -243,8 +251,7 @@ def _agreed_latest(load_dir: str, latest: str) -> str:
     every = ranks.all_values(latest)
     if len(set(every)) == 1:
         return latest
-    common = ranks.all_values(manifest.checkpoint_tags(load_dir))
-    shared = [t for t in common[0] if all(t in tags for tags in common)]  # newest first
+    shared = _tags_every_process_has(load_dir)
     if not shared:
         raise CheckpointDamagedError(f"The processes' 'latest' files name different checkpoints ({sorted(set(every))}"
                                      ") and no checkpoint is published on every node; resume is not possible.")
@@ -257,22 +264,23 @@ def _agreed_latest(load_dir: str, latest: str) -> str:
 
 def _verify_everywhere(engine, folder: str) -> Optional[str]:
     """The folder checked against its manifest, each process hashing a share of the files; the first problem any
-    process found, on every process. A checkpoint from before manifests passes, with a warning."""
-    if manifest.read_manifest(folder) is None and os.path.isdir(folder):
-        if ranks.is_process_zero():
-            logger.warning("Checkpoint %r has no manifest (written before beamlora_ds checked checkpoints): it is "
-                           "loaded without an integrity check.", folder)
-        return None
+    process found, on every process (each process makes exactly one collective call, whatever it found). A
+    checkpoint from before manifests passes, with a warning."""
     if getattr(engine, "use_node_local_storage", lambda: False)():  # each node checks the folder it sees
         part = (int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_SIZE", 0))
                 or int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or 0)
         part = part if part[1] > part[0] else (0, 1)
     else:
         part = (ranks.rank(), ranks.world_size())
+    unchecked = False
     try:
-        problem = manifest.verify(folder, part=part)
+        unchecked = manifest.read_manifest(folder) is None
+        problem = None if unchecked else manifest.verify(folder, part=part)
     except manifest.ManifestError as e:
         problem = str(e)
+    if unchecked and ranks.is_process_zero():
+        logger.warning("Checkpoint %r has no manifest (written before beamlora_ds checked checkpoints): it is "
+                       "loaded without an integrity check.", folder)
     return ranks.first_problem(problem)
 
 

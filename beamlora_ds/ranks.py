@@ -9,6 +9,7 @@ is one process and every helper is a no-op.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Type
 
@@ -118,8 +119,12 @@ def check_shared_folder(folder: str, node_local: bool, error: Type[Exception] = 
     writes = int(os.environ.get("LOCAL_RANK", rank())) == 0  # each node's first process
     probe = os.path.join(folder, SHARED_CHECK.format(nonce=nonce, rank=rank()))
     if writes:
-        os.makedirs(folder, exist_ok=True)
-        open(probe, "w").close()
+        try:
+            os.makedirs(folder, exist_ok=True)
+            open(probe, "w").close()
+        except OSError as e:  # not writable: said below by every process, none left waiting
+            writes = False
+            logging.getLogger(__name__).warning("Cannot write into the output folder %r: %s", folder, e)
     writers = [r for r, w in enumerate(all_values(writes)) if w]  # also the barrier after the writes
     seen = [r for r in writers if os.path.exists(os.path.join(folder, SHARED_CHECK.format(nonce=nonce, rank=r)))]
     try:

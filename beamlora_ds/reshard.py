@@ -10,6 +10,8 @@ which `recut_snapshot` cuts again for the new ones. Nothing else of ours depends
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import shutil
@@ -48,19 +50,29 @@ def convert_to_universal(ckpt_dir: str, tag: str, owner: bool) -> str:
     beside the original, which is never modified. Returns the folder to pass to engine.load_checkpoint as
     load_dir (the tag stays the same)."""
     target = universal_folder(ckpt_dir, tag)
+    problem = None
     if owner and not os.path.isdir(target):
         from deepspeed.checkpoint import ds_to_universal
 
-        staging = target + ".partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        # one worker: adapter-sized state converts in seconds, and no process pool forks inside a job's process
-        ds_to_universal.main(argparse.Namespace(
-            input_folder=os.path.join(ckpt_dir, tag), output_folder=staging, num_extract_workers=1,
-            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
-        fsync_tree(staging)
-        replace_dir(staging, target)
-    ranks.barrier()
+        staging, said = target + ".partial", io.StringIO()
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            # one worker: adapter-sized state converts in seconds, and no process pool forks in a job's process;
+            # its progress output (prints, progress bars) goes into the error, if there is one, not the run's log
+            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+                ds_to_universal.main(argparse.Namespace(
+                    input_folder=os.path.join(ckpt_dir, tag), output_folder=staging, num_extract_workers=1,
+                    num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+            fsync_tree(staging)
+            replace_dir(staging, target)
+        except Exception as e:  # DeepSpeed asserts, a full disk: every process must hear it, none may wait
+            shutil.rmtree(staging, ignore_errors=True)
+            problem = f"{type(e).__name__}: {e} (its output ended: {said.getvalue()[-500:]!r})"
+    problem = ranks.first_problem(problem)  # also the barrier: the others wait for the conversion
+    if problem:
+        raise RuntimeError(f"DeepSpeed's universal-checkpoint conversion of {tag!r} (to resume it on another number "
+                           f"of processes) failed: {problem}. Resume on the number of processes that wrote it.")
     return os.path.dirname(target)
 
 
