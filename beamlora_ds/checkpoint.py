@@ -18,8 +18,8 @@ import torch
 
 from . import manifest, ranks, reshard
 from .atomic import fsync_tree, replace_dir, write_text_atomically
-from .controller import BeamController, make_access
-from .failpoints import FAIL_ENV, fail_write_point, kill_point
+from .controller import BeamController
+from .failpoints import fail_write_point, kill_point
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,9 @@ def check_score_layout(saved: Optional[dict], beam: BeamController, where: str) 
 
 def validate_tag(tag: str) -> str:
     """`tag` when it can name a checkpoint folder beside `latest` and the `.partial` staging folders."""
-    if tag in ("", ".", "..", "latest", reshard.UNIVERSAL_DIR) or os.sep in tag or tag.endswith(PARTIAL):
-        raise ValueError(f"checkpoint tag {tag!r}: use a plain folder name (not 'latest' or "
-                         f"{reshard.UNIVERSAL_DIR!r}, no '/', not ending in {PARTIAL!r}).")
+    if tag in ("", "latest") or tag.startswith(".") or os.sep in tag or tag.endswith(PARTIAL):
+        raise ValueError(f"checkpoint tag {tag!r}: use a plain folder name (not 'latest', not starting with '.', "
+                         f"no '/', not ending in {PARTIAL!r}).")
     return tag
 
 
@@ -73,32 +73,79 @@ def save_checkpoint(engine, beam: BeamController, save_dir: str, tag: Optional[s
             shutil.rmtree(stale, ignore_errors=True)
         reshard.remove_universal_copies(save_dir)
     ranks.barrier()
-    try:
+    failed: list = []  # this process's first failed write: OSError, or torch.save's RuntimeError on a full disk
+    with _recorded(failed):
         os.makedirs(folder, exist_ok=True)
         fail_write_point("state", step)
         torch.save({"beamlora": beam.state_dict(), "rng": rng_state()}, os.path.join(folder, STATE_FILE.format(
             rank=ranks.rank())))
-        kill_point("checkpoint", step)
-        with _injected_write_failures(engine, step):
-            # DeepSpeed's save ends in a barrier: after it, every process has written its part of the staging folder
-            engine.save_checkpoint(save_dir, tag=staging, client_state=client_state or {}, save_latest=False)
+    kill_point("checkpoint", step)
+    with _recorded(failed), _deepspeed_writes_recorded(engine, step, failed):
+        # DeepSpeed's save ends in a barrier: after it, every process has written its part of the staging folder
+        engine.save_checkpoint(save_dir, tag=staging, client_state=client_state or {}, save_latest=False)
+    problem = ranks.first_problem(_said(failed))  # every process learns of a failure anywhere, none waits
+    if problem is None:
         if owner:
-            fail_write_point("manifest", step)
-            manifest.write_manifest(folder, tag, step, extra={"world_size": ranks.world_size(),
-                                                              "zero_stage": engine.zero_optimization_stage()})
-            fsync_tree(folder)
-            replace_dir(folder, os.path.join(save_dir, tag))
-            kill_point("latest", step)
-            fail_write_point("latest", step)
-            write_text_atomically(os.path.join(save_dir, "latest"), tag)
-    except OSError as e:  # a full disk, a quota, a vanished mount: say what is safe, free what we wrote
-        shutil.rmtree(folder, ignore_errors=True)
+            with _recorded(failed):
+                fail_write_point("manifest", step)
+                manifest.write_manifest(folder, tag, step, extra={"world_size": ranks.world_size(),
+                                                                  "zero_stage": engine.zero_optimization_stage()})
+                fsync_tree(folder)
+                replace_dir(folder, os.path.join(save_dir, tag))
+                kill_point("latest", step)
+                fail_write_point("latest", step)
+                write_text_atomically(os.path.join(save_dir, "latest"), tag)
+        problem = ranks.first_problem(_said(failed))  # also the closing barrier
+    if problem:  # a full disk, a quota, a vanished mount: say what is safe, free what we wrote
+        if owner:
+            shutil.rmtree(folder, ignore_errors=True)
         raise CheckpointWriteError(
-            f"Could not write checkpoint {tag!r} (step {step}) to {save_dir!r}: {e}. The previous checkpoint and "
-            f"'latest' ({_read_latest(save_dir) or 'none yet'}) are untouched; free space or fix the file system, "
-            "then continue with --resume.") from e
-    ranks.barrier()
+            f"Could not write checkpoint {tag!r} (step {step}) to {save_dir!r}: {problem}. The previous checkpoint "
+            f"and 'latest' ({_read_latest(save_dir) or 'none yet'}) are untouched; free space or fix the file "
+            "system, then continue with --resume.")
     return tag
+
+
+@contextlib.contextmanager
+def _recorded(failed: list):
+    """Run a write; a failure is recorded (the first one) instead of raised, so that this process still meets
+    the others in the next collective and they all raise together."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        failed.append(e)
+
+
+def _said(failed: list) -> Optional[str]:
+    return f"{failed[0]} (on process {ranks.rank()})" if failed else None
+
+
+@contextlib.contextmanager
+def _deepspeed_writes_recorded(engine, step: int, failed: list):
+    """DeepSpeed's own file writes, recorded like ours: a failed one (and every later one) returns instead of
+    raising, so DeepSpeed still reaches its barriers on this process. BEAMLORA_DS_FAIL_WRITE_AT's `deepspeed`
+    point makes them fail here (the disk-full tests)."""
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if checkpoint_engine is None or not hasattr(checkpoint_engine, "save"):
+        yield
+        return
+    original = checkpoint_engine.save
+
+    def save(state_dict, path, *args, **kwargs):
+        if failed:
+            return None
+        try:
+            fail_write_point("deepspeed", step)
+            return original(state_dict, path, *args, **kwargs)
+        except (OSError, RuntimeError) as e:
+            failed.append(e)
+            return None
+
+    checkpoint_engine.save = save
+    try:
+        yield
+    finally:
+        del checkpoint_engine.save
 
 
 class CheckpointWriteError(OSError):
@@ -107,26 +154,6 @@ class CheckpointWriteError(OSError):
 
 class CheckpointDamagedError(ValueError):
     """A checkpoint's files do not match its manifest (truncated, corrupted or missing)."""
-
-
-@contextlib.contextmanager
-def _injected_write_failures(engine, step: int):
-    """Only under BEAMLORA_DS_FAIL_WRITE_AT (the disk-full tests): DeepSpeed's own file writes fail there."""
-    if "deepspeed" not in os.environ.get(FAIL_ENV, ""):
-        yield
-        return
-    checkpoint_engine = engine.checkpoint_engine
-    original = checkpoint_engine.save
-
-    def save(state_dict, path, *args, **kwargs):
-        fail_write_point("deepspeed", step)
-        return original(state_dict, path, *args, **kwargs)
-
-    checkpoint_engine.save = save
-    try:
-        yield
-    finally:
-        del checkpoint_engine.save
 
 
 def _read_latest(load_dir: str) -> Optional[str]:
@@ -148,7 +175,11 @@ def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[s
     """
     tag = _choose_tag(engine, load_dir, tag, fallback)
     folder = os.path.join(load_dir, tag)
-    saved_world = _saved_world_size(folder)
+    node_local = getattr(engine, "use_node_local_storage", lambda: False)()
+    every = ranks.all_values(_saved_world_size(folder, node_local))
+    ranks.all_ranks_or_raise(len(set(every)) == 1, f"The processes see different checkpoints in {folder!r} (written by "
+                             f"{sorted(set(every))} processes): point every node at the same run's folder.", ValueError)
+    saved_world = every[0]
     ranks.all_ranks_or_raise(saved_world > 0, f"{folder} holds no {STATE_FILE.format(rank=0)}: the checkpoint {tag!r} "
                              "was not written by beamlora_ds.save_checkpoint.")
     if saved_world == ranks.world_size():
@@ -167,6 +198,11 @@ def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[s
 
 
 def _check_fits(saved: dict, beam: BeamController, tag: str) -> None:
+    """What must match before DeepSpeed reads anything (the controller checks the rest when it loads its state)."""
+    same_modules = list(saved.get("module_names", [])) == beam.module_names
+    ranks.all_ranks_or_raise(same_modules, f"Cannot resume checkpoint {tag!r}: it has "
+                             f"{len(saved.get('module_names', []))} BeamLoRA modules, this model has "
+                             f"{len(beam.module_names)} (or other names). Use the same --target_modules.", ValueError)
     check_score_layout(saved, beam, tag)
     problem = beam.tensor_parallel_problem(saved)  # the same on every process of one run
     ranks.all_ranks_or_raise(problem is None, f"Checkpoint {tag!r}: {problem or 'another tensor-parallel split.'}",
@@ -184,7 +220,14 @@ def _load_on_new_world_size(engine, beam, load_dir: str, tag: str, saved_world: 
     ranks.all_ranks_or_raise(why_not is None, f"Checkpoint {tag!r} was written by {saved_world} processes, this job "
                              f"has {world}, and it cannot be resumed on another number: {why_not}. Resume it on "
                              f"{saved_world} processes.", ValueError)
-    states = reshard.load_states(os.path.join(load_dir, tag))
+    states, problem = [], None
+    try:  # on every process; a file that cannot be read must stop all of them, not strand the others
+        states = reshard.load_states(os.path.join(load_dir, tag))
+    except (OSError, RuntimeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    problem = ranks.first_problem(problem)
+    if problem:
+        raise CheckpointDamagedError(f"Cannot read the BeamLoRA state of checkpoint {tag!r}: {problem}")
     saved = states[0]["beamlora"]
     _check_fits(saved, beam, tag)
     if stage == 0:  # ZeRO-0 keeps whole tensors and one optimizer state: DeepSpeed loads it on any world size
@@ -195,9 +238,9 @@ def _load_on_new_world_size(engine, beam, load_dir: str, tag: str, saved_world: 
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag!r} from {load_dir!r}.")
     if saved["snapshot"] is not None and stage > 0:
-        ranges = make_access(beam.modules, engine).snapshot_ranges()
-        saved = dict(saved, snapshot=reshard.recut_snapshot([s["beamlora"]["snapshot"] for s in states], ranges,
-                                                            world))
+        access = beam.platform(engine)  # the controller's own, so it warns about the engine once
+        saved = dict(saved, snapshot=reshard.recut_snapshot([s["beamlora"]["snapshot"] for s in states],
+                                                            access.snapshot_ranges(), access.data_parallel_size))
     beam.load_state_dict(saved)
     if ranks.rank() < saved_world:  # a process the old run did not have keeps its seeded streams
         set_rng_state(states[ranks.rank()]["rng"])
@@ -206,12 +249,17 @@ def _load_on_new_world_size(engine, beam, load_dir: str, tag: str, saved_world: 
     return path, client_state
 
 
-def _saved_world_size(folder: str) -> int:
-    """From the manifest (under node-local storage a node's folder holds only its own processes' files), else
-    one state file per process."""
-    saved = manifest.read_manifest(folder)
-    world = (saved or {}).get("extra", {}).get("world_size")
-    return int(world) if world else reshard.saved_world_size(folder)
+def _saved_world_size(folder: str, node_local: bool) -> int:
+    """From the manifest, else one state file per process; under node-local storage a node's folder holds only
+    its own processes' files, so a checkpoint from before manifests is taken to be of this world size (the state
+    file of each process is then checked)."""
+    try:
+        world = ((manifest.read_manifest(folder) or {}).get("extra") or {}).get("world_size")
+    except manifest.ManifestError:
+        world = None  # reported by the verification; here the files decide
+    if world:
+        return int(world)
+    return ranks.world_size() if node_local else reshard.saved_world_size(folder)
 
 
 def _choose_tag(engine, load_dir: str, tag: Optional[str], fallback: bool) -> str:
@@ -276,8 +324,8 @@ def _verify_everywhere(engine, folder: str) -> Optional[str]:
     try:
         unchecked = manifest.read_manifest(folder) is None
         problem = None if unchecked else manifest.verify(folder, part=part)
-    except manifest.ManifestError as e:
-        problem = str(e)
+    except (manifest.ManifestError, OSError) as e:  # unreadable manifest, a permission error: a problem to share
+        problem = f"Checkpoint {folder!r} cannot be checked: {e}"
     if unchecked and ranks.is_process_zero():
         logger.warning("Checkpoint %r has no manifest (written before beamlora_ds checked checkpoints): it is "
                        "loaded without an integrity check.", folder)

@@ -95,6 +95,10 @@ class BeamController:
 
         return {"snapshot": first(beam.is_snapshot_step), "reset": first(beam.is_reset_step)}
 
+    def platform(self, optimizer_or_engine) -> PlatformAccess:
+        """The platform seam this controller uses for `optimizer_or_engine` (made once per engine)."""
+        return self._access_for(optimizer_or_engine)
+
     def _access_for(self, optimizer_or_engine) -> PlatformAccess:
         if self._access is None or self._access_owner != id(optimizer_or_engine):
             self._access = make_access(self.modules, optimizer_or_engine)

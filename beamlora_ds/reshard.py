@@ -22,7 +22,9 @@ import torch
 from . import ranks
 from .atomic import fsync_tree, replace_dir
 
-UNIVERSAL_DIR = "universal"  # <checkpoints>/universal/<tag>: the converted copy, made once, beside the original
+# <checkpoints>/.universal/<tag>: the converted copy, made once, beside the original (a hidden name: checkpoint tags
+# cannot start with "." (checkpoint.validate_tag), so it is never a user's checkpoint)
+UNIVERSAL_DIR = ".universal"
 STATE_PATTERN = re.compile(r"beamlora_state_rank(\d+)\.pt$")
 
 

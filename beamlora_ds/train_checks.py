@@ -200,11 +200,30 @@ def global_batch_record(config: dict, replicas: int) -> dict:
             "accumulation": config["gradient_accumulation_steps"], "data_parallel": replicas}
 
 
-def check_resume_batch(args, config: dict, replicas: int) -> None:
+def _processes_of_latest(ckpt_dir: str) -> int:
+    """How many processes wrote the checkpoint `latest` names (0 when that cannot be told)."""
+    from .reshard import saved_world_size
+
+    try:
+        with open(os.path.join(ckpt_dir, "latest")) as f:
+            return saved_world_size(os.path.join(ckpt_dir, f.read().strip()))
+    except OSError:
+        return 0
+
+
+def check_resume_batch(args, config: dict, replicas: int, world_size: int) -> None:
     """A resume may split the global batch otherwise (another number of GPUs: a new micro-batch or accumulation),
     never change it unless asked: the data order and the run it continues are defined by it (data.micro_batches)."""
     before = saved_run_args(args.output_dir) if args.resume else None
-    if not before or GLOBAL_BATCH not in before or args.allow_new_global_batch:
+    if not before or args.allow_new_global_batch:
+        return
+    if GLOBAL_BATCH not in before:  # a run from before the record: its batch flags are compared as they were
+        saved = _processes_of_latest(os.path.join(args.output_dir, "checkpoints"))
+        if saved and saved != world_size:
+            raise UsageError(f"--resume on {world_size} processes of a checkpoint written by {saved}, by a beamlora_ds "
+                             "that did not record the run's global batch, so it cannot be checked. Resume on "
+                             f"{saved} processes, or pass --allow_new_global_batch if per-process batch x "
+                             "accumulation x processes stays what it was.")
         return
     was, now = before[GLOBAL_BATCH], global_batch_record(config, replicas)
     if was["train_batch_size"] == now["train_batch_size"]:
@@ -212,7 +231,7 @@ def check_resume_batch(args, config: dict, replicas: int) -> None:
     fits = [f"--gradient_accumulation_steps {was['train_batch_size'] // (m * replicas)}"
             + ("" if m == now["per_device"] else f" --per_device_train_batch_size {m}")
             for m in (now["per_device"], was["per_device"]) if was["train_batch_size"] % (m * replicas) == 0]
-    fix = (f"keep it with {fits[0]}" if fits else
+    fix = (f"keep it with {fits[0]} (or the same in the ds_config, if it sets them)" if fits else
            f"no micro-batch x accumulation on {replicas} data-parallel processes makes {was['train_batch_size']}")
     raise UsageError(
         f"--resume with another global batch: the checkpoint's run took {was['train_batch_size']} examples per step "

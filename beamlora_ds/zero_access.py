@@ -195,11 +195,16 @@ class ZeroAccess(PlatformAccess):
         if counts[0] != -counts[1]:  # every process must lay out the reset's gather buffer the same way
             raise RuntimeError(f"Processes see different optimizer state entries ({keys} here); BeamLoRA needs the "
                                "same optimizer (and state) on every process.")
-        return {"moment_keys": keys, "world_size": self.dist.get_world_size(group=self.group),
+        return {"moment_keys": keys, "world_size": self.data_parallel_size,
                 "modules": [{name: {"start": frags[name].start, "numel": frags[name].numel,
                                     "master": frags[name].read(),
                                     "moments": {k: frags[name].read(k) for k in keys}}
                              for name in ("lora_A", "lora_B")} for frags in self.fragments]}
+
+    @property
+    def data_parallel_size(self) -> int:
+        """The processes the parameters are partitioned over (what a snapshot's shards are cut for)."""
+        return self.dist.get_world_size(group=self.group)
 
     def snapshot_ranges(self) -> List[Dict[str, tuple]]:
         """Per module, {"lora_A": (start, numel), "lora_B": ...}: the fragments a snapshot taken now would hold
@@ -230,7 +235,7 @@ class ZeroAccess(PlatformAccess):
     # -------------------------------------------------------------------------------------------- writes
     @torch.no_grad()
     def apply_reset(self, plans, new_logits, snapshot, inherit_moments):
-        if snapshot.get("world_size") != self.dist.get_world_size(group=self.group):
+        if snapshot.get("world_size") != self.data_parallel_size:
             raise RuntimeError("The BeamLoRA snapshot was taken with a different number of processes; it holds "
                                "per-process shards. Resume with beamlora_ds.load_checkpoint, which cuts them again "
                                "for this number, not with the controller's load_state_dict alone.")

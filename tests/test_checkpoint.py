@@ -11,7 +11,7 @@ from beamlora_ds import checkpoint
 from beamlora_ds.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, validate_tag
 
 
-@pytest.mark.parametrize("tag", ["", ".", "..", "latest", "a/b", "global_step4.partial"])
+@pytest.mark.parametrize("tag", ["", ".", "..", "latest", "a/b", "global_step4.partial", ".universal", ".hidden"])
 def test_a_tag_that_cannot_name_a_checkpoint_folder_is_refused(tag):
     with pytest.raises(ValueError, match="plain folder name"):
         validate_tag(tag)
@@ -92,22 +92,35 @@ def test_a_checkpoint_of_another_tensor_parallel_split_is_refused_before_deepspe
         load_checkpoint(EngineThatMustNotLoad(), beam, str(tmp_path))
 
 
-class StandInEngine:
-    """Just enough of an engine for save_checkpoint's own staging, manifest and `latest` (the launch test in
-    tests/distributed/test_checkpoint_integrity.py fails DeepSpeed's real writes)."""
+class StandInCheckpointEngine:
+    def __init__(self, full_disk=False):
+        self.full_disk = full_disk
 
-    def __init__(self, step):
+    def save(self, state_dict, path):
+        if self.full_disk:  # what torch.save raises when the disk fills up under it (not an OSError)
+            raise RuntimeError(f"[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+                               f"data/0: file write failed ({path})")
+        torch.save(state_dict, path)
+
+
+class StandInEngine:
+    """Just enough of an engine for save_checkpoint's own staging, manifest and `latest`, writing through its
+    checkpoint engine as DeepSpeed does (the launch test in tests/distributed/test_checkpoint_integrity.py fails
+    DeepSpeed's real writes)."""
+
+    def __init__(self, step, full_disk=False):
         self.global_steps = step
-        self.checkpoint_engine = None
+        self.checkpoint_engine = StandInCheckpointEngine(full_disk)
 
     def zero_optimization_stage(self):
         return 2
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
-        torch.save({"weights": torch.arange(10.0)}, os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
+        self.checkpoint_engine.save({"weights": torch.arange(10.0)},
+                                    os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
 
 
-@pytest.mark.parametrize("point", ["state", "manifest", "latest"])
+@pytest.mark.parametrize("point", ["state", "deepspeed", "torch.save", "manifest", "latest"])
 def test_a_failed_write_leaves_the_previous_checkpoint_and_latest(tmp_path, monkeypatch, point):
     from beamlora_ds import BeamLoRAConfig, apply, manifest
     from helpers import TwoLayerNet
@@ -115,9 +128,11 @@ def test_a_failed_write_leaves_the_previous_checkpoint_and_latest(tmp_path, monk
     beam = apply(TwoLayerNet(), BeamLoRAConfig(r=4, alpha=8.0, total_steps=40, interval=8))
     save_dir = str(tmp_path)
     assert save_checkpoint(StandInEngine(2), beam, save_dir) == "global_step2"
-    monkeypatch.setenv("BEAMLORA_DS_FAIL_WRITE_AT", f"{point}@4")
-    with pytest.raises(checkpoint.CheckpointWriteError, match="No space left.*'latest' \\(global_step2\\) are untouched"):
-        save_checkpoint(StandInEngine(4), beam, save_dir)
+    if point != "torch.save":
+        monkeypatch.setenv("BEAMLORA_DS_FAIL_WRITE_AT", f"{point}@4")
+    said = "No space left" if point != "torch.save" else "PytorchStreamWriter failed writing"
+    with pytest.raises(checkpoint.CheckpointWriteError, match=f"{said}.*'latest' \\(global_step2\\) are untouched"):
+        save_checkpoint(StandInEngine(4, full_disk=point == "torch.save"), beam, save_dir)
     assert (tmp_path / "latest").read_text() == "global_step2"
     assert manifest.verify(str(tmp_path / "global_step2")) is None
     assert not (tmp_path / "global_step4.partial").exists()  # what the failed save wrote is freed
