@@ -12,7 +12,7 @@ ends in `_model_states.pt` or `_optim_states.pt` (mp_rank_*, zero_pp_rank_*, bf1
 files), or any file in a sub-folder (only DeepSpeed makes those, e.g. `offloaded_tensors/`). The manifest records
 which algorithm each file got, so verify never needs the rule and an old manifest stays readable if it changes.
 
-    python -m beamlora_ds.manifest CKPT_FOLDER...     prints ok/damaged for each, exit 1 if any is damaged
+    beamlora-verify CKPT_FOLDER...     prints ok/damaged for each, exit 1 if any is damaged
 """
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ def newest_intact(ckpt_dir: str, verify_fn: Callable[[str], Optional[str]] = ver
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Check checkpoint folders (e.g. after copying them to another file system); 1 when any is damaged."""
-    parser = argparse.ArgumentParser(prog="python -m beamlora_ds.manifest",
+    parser = argparse.ArgumentParser(prog="beamlora-verify",
                                      description="Check checkpoint tag folders against their manifest.json.")
     parser.add_argument("folders", nargs="+", metavar="CKPT_FOLDER", help="a checkpoint tag folder")
     parser.add_argument("--allow-missing", action="store_true", help="pass folders that have no manifest")
