@@ -158,12 +158,18 @@ def _collect(proc: subprocess.Popen, echo_prefix: Optional[str]):
     return "".join(out), "".join(err)
 
 
+RETRIED = "\n--- the launch aborted natively (no Python error) and was run again; its second try: ---\n"
+
+
 def run(cmd: Sequence, timeout: float, cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
         echo_prefix: Optional[str] = None) -> subprocess.CompletedProcess:
     """Run a (multi-process) command, capturing stdout and stderr; returns the CompletedProcess whatever the exit.
 
     Kills the whole process group and raises subprocess.TimeoutExpired after `timeout` seconds. A native abort with
-    no Python error is retried once on a new master port; a Python exception, failed assertion or timeout is not.
+    no Python error is retried once on a new master port (the returned output is then both tries', joined by
+    RETRIED); a Python exception, failed assertion or timeout is not. A retry runs the command again as it is: a
+    launch that resumes from `latest` then resumes from what the first try wrote, so name the checkpoint where the
+    step it resumes from matters.
     Lines of stdout starting with `echo_prefix` are printed as they arrive (without the prefix).
     """
     proc = _run_once(cmd, timeout, cwd, env, echo_prefix)
@@ -174,7 +180,12 @@ def run(cmd: Sequence, timeout: float, cwd: Optional[str] = None, env: Optional[
         cmd = _with_port(cmd, port)
         if env is not None and "MASTER_PORT" in env:
             env = dict(env, MASTER_PORT=str(port))
+        first = proc
         proc = _run_once(cmd, timeout, cwd, env, echo_prefix)
+        # both tries' output: a retried launch that resumes finds what its first try already wrote (a later
+        # checkpoint), so what a caller looks for in the output may have been said by the first try only
+        proc = subprocess.CompletedProcess(proc.args, proc.returncode, first.stdout + RETRIED + proc.stdout,
+                                           first.stderr + RETRIED + proc.stderr)
     return proc
 
 
