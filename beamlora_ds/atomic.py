@@ -16,6 +16,8 @@ from typing import Iterator, Optional
 
 from .failpoints import kill_point
 
+PARTIAL = ".partial"  # suffix of a checkpoint folder still being written (checkpoint.save_checkpoint)
+
 
 def fsync_tree(folder: str) -> None:
     """Flush every file under `folder`, then the folders themselves, so a rename publishes data that is on disk

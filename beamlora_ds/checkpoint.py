@@ -17,14 +17,13 @@ from typing import Optional, Tuple
 import torch
 
 from . import manifest, ranks, reshard
-from .atomic import fsync_tree, replace_dir, write_text_atomically
+from .atomic import PARTIAL, fsync_tree, replace_dir, write_text_atomically
 from .controller import BeamController
 from .failpoints import fail_write_point, kill_point
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "beamlora_state_rank{rank}.pt"
-PARTIAL = ".partial"  # suffix of a checkpoint folder still being written
 LAYOUT_WORDS = {"per_module": "in one parameter per module", "table": "in one (modules x r) table"}
 SCORE_LAYOUT_CHANGED = (
     "Cannot resume from checkpoint {where!r}: it keeps the scores {saved}, this model keeps them {now} (a beamlora_ds "
@@ -101,7 +100,7 @@ def save_checkpoint(engine, beam: BeamController, save_dir: str, tag: Optional[s
             shutil.rmtree(folder, ignore_errors=True)
         raise CheckpointWriteError(
             f"Could not write checkpoint {tag!r} (step {step}) to {save_dir!r}: {problem}. The previous checkpoint "
-            f"and 'latest' ({_read_latest(save_dir) or 'none yet'}) are untouched; free space or fix the file "
+            f"and 'latest' ({read_latest(save_dir) or 'none yet'}) are untouched; free space or fix the file "
             "system, then continue with --resume.")
     return tag
 
@@ -132,14 +131,11 @@ def _deepspeed_writes_recorded(engine, step: int, failed: list):
     original = checkpoint_engine.save
 
     def save(state_dict, path, *args, **kwargs):
-        if failed:
-            return None
-        try:
-            fail_write_point("deepspeed", step)
-            return original(state_dict, path, *args, **kwargs)
-        except (OSError, RuntimeError) as e:
-            failed.append(e)
-            return None
+        if not failed:
+            with _recorded(failed):
+                fail_write_point("deepspeed", step)
+                return original(state_dict, path, *args, **kwargs)
+        return None
 
     checkpoint_engine.save = save
     try:
@@ -156,7 +152,8 @@ class CheckpointDamagedError(ValueError):
     """A checkpoint's files do not match its manifest (truncated, corrupted or missing)."""
 
 
-def _read_latest(load_dir: str) -> Optional[str]:
+def read_latest(load_dir: str) -> Optional[str]:
+    """The tag `latest` names in `load_dir`, or None when there is no `latest`."""
     try:
         with open(os.path.join(load_dir, "latest")) as f:
             return f.read().strip()
@@ -173,9 +170,9 @@ def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[s
     intact one. Written by another number of processes, it is loaded through DeepSpeed's universal checkpoint and
     the BeamLoRA snapshot is cut again for this world size (reshard.py).
     """
-    tag = _choose_tag(engine, load_dir, tag, fallback)
+    node_local = ranks.node_local_storage(engine)
+    tag = _choose_tag(load_dir, tag, fallback, node_local)
     folder = os.path.join(load_dir, tag)
-    node_local = getattr(engine, "use_node_local_storage", lambda: False)()
     every = ranks.all_values(_saved_world_size(folder, node_local))
     ranks.all_ranks_or_raise(len(set(every)) == 1, f"The processes see different checkpoints in {folder!r} (written by "
                              f"{sorted(set(every))} processes): point every node at the same run's folder.", ValueError)
@@ -189,30 +186,32 @@ def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[s
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         _check_fits(state["beamlora"], beam, tag)
         path, client_state = engine.load_checkpoint(load_dir, tag=tag)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag!r} from {load_dir!r}.")
-        beam.load_state_dict(state["beamlora"])
-        set_rng_state(state["rng"])
-        return path, client_state
-    return _load_on_new_world_size(engine, beam, load_dir, tag, saved_world)
+        saved, rng = state["beamlora"], state["rng"]
+    else:
+        path, client_state, saved, rng = _load_on_new_world_size(engine, beam, load_dir, tag, saved_world, node_local)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag!r} from {load_dir!r}.")
+    beam.load_state_dict(saved)
+    if rng is not None:  # a process the old run did not have keeps its seeded streams
+        set_rng_state(rng)
+    return path, client_state
 
 
 def _check_fits(saved: dict, beam: BeamController, tag: str) -> None:
     """What must match before DeepSpeed reads anything (the controller checks the rest when it loads its state)."""
-    same_modules = list(saved.get("module_names", [])) == beam.module_names
-    ranks.all_ranks_or_raise(same_modules, f"Cannot resume checkpoint {tag!r}: it has "
-                             f"{len(saved.get('module_names', []))} BeamLoRA modules, this model has "
-                             f"{len(beam.module_names)} (or other names). Use the same --target_modules.", ValueError)
+    problem = beam.module_names_problem(saved)  # the same on every process of one run
+    ranks.all_ranks_or_raise(problem is None, f"Checkpoint {tag!r}: {problem or 'other modules.'}", ValueError)
     check_score_layout(saved, beam, tag)
     problem = beam.tensor_parallel_problem(saved)  # the same on every process of one run
     ranks.all_ranks_or_raise(problem is None, f"Checkpoint {tag!r}: {problem or 'another tensor-parallel split.'}",
                              ValueError)
 
 
-def _load_on_new_world_size(engine, beam, load_dir: str, tag: str, saved_world: int) -> Tuple[str, dict]:
-    """Resume a checkpoint written by `saved_world` processes on this job's number (docs/training.md)."""
+def _load_on_new_world_size(engine, beam, load_dir: str, tag: str, saved_world: int, node_local: bool) -> tuple:
+    """Resume a checkpoint written by `saved_world` processes on this job's number (docs/training.md): DeepSpeed's
+    state loaded; returns (path, client_state, the controller state with its snapshot re-cut, this process's RNG
+    state or None)."""
     world, stage = ranks.world_size(), engine.zero_optimization_stage()
-    node_local = getattr(engine, "use_node_local_storage", lambda: False)()
     why_not = ("its files are per tensor-parallel slice and DeepSpeed's universal checkpoint does not re-cut AutoTP"
                if beam.tensor_parallel_layout else
                "each node kept its own files (checkpoint.use_node_local_storage); copy the nodes' checkpoint folders "
@@ -235,18 +234,13 @@ def _load_on_new_world_size(engine, beam, load_dir: str, tag: str, saved_world: 
     else:
         path, client_state = reshard.load_universal(
             engine, reshard.convert_to_universal(load_dir, tag, ranks.owns_folders(engine)), tag)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag!r} from {load_dir!r}.")
     if saved["snapshot"] is not None and stage > 0:
         access = beam.platform(engine)  # the controller's own, so it warns about the engine once
         saved = dict(saved, snapshot=reshard.recut_snapshot([s["beamlora"]["snapshot"] for s in states],
                                                             access.snapshot_ranges(), access.data_parallel_size))
-    beam.load_state_dict(saved)
-    if ranks.rank() < saved_world:  # a process the old run did not have keeps its seeded streams
-        set_rng_state(states[ranks.rank()]["rng"])
     logger.info("Resumed checkpoint %r of %d processes on %d (ZeRO-%d%s).", tag, saved_world, world, stage,
                 ", through DeepSpeed's universal checkpoint" if stage else "")
-    return path, client_state
+    return path, client_state, saved, states[ranks.rank()]["rng"] if ranks.rank() < saved_world else None
 
 
 def _saved_world_size(folder: str, node_local: bool) -> int:
@@ -262,24 +256,24 @@ def _saved_world_size(folder: str, node_local: bool) -> int:
     return ranks.world_size() if node_local else reshard.saved_world_size(folder)
 
 
-def _choose_tag(engine, load_dir: str, tag: Optional[str], fallback: bool) -> str:
+def _choose_tag(load_dir: str, tag: Optional[str], fallback: bool, node_local: bool) -> str:
     """The tag to load, verified: `tag`, else the one `latest` names; damaged, refused or (fallback) replaced by
     the newest intact checkpoint."""
     if tag is None:
-        latest = _read_latest(load_dir)
+        latest = read_latest(load_dir)
         ranks.all_ranks_or_raise(latest is not None, f"No checkpoint to resume in {load_dir!r}: it has no "
                                  "'latest' file.")
         tag = _agreed_latest(load_dir, latest)
     ranks.all_ranks_or_raise(os.path.isdir(os.path.join(load_dir, tag)), f"{load_dir}/latest names {tag!r}, which "
                              "is not a folder there: the checkpoint was moved or deleted. Point --output_dir at the "
                              "run's folder.")
-    problem = _verify_everywhere(engine, os.path.join(load_dir, tag))
+    problem = _verify_everywhere(os.path.join(load_dir, tag), node_local)
     if problem is None:
         return tag
     if not fallback:
         raise CheckpointDamagedError(problem)
     for candidate in _tags_every_process_has(load_dir):  # the same candidates, in the same order, everywhere
-        if candidate != tag and _verify_everywhere(engine, os.path.join(load_dir, candidate)) is None:
+        if candidate != tag and _verify_everywhere(os.path.join(load_dir, candidate), node_local) is None:
             if ranks.is_process_zero():
                 logger.warning("%s Resuming from %r instead, the newest intact checkpoint.", problem, candidate)
             return candidate
@@ -310,11 +304,11 @@ def _agreed_latest(load_dir: str, latest: str) -> str:
     return shared[0]
 
 
-def _verify_everywhere(engine, folder: str) -> Optional[str]:
+def _verify_everywhere(folder: str, node_local: bool) -> Optional[str]:
     """The folder checked against its manifest, each process hashing a share of the files; the first problem any
     process found, on every process (each process makes exactly one collective call, whatever it found). A
     checkpoint from before manifests passes, with a warning."""
-    if getattr(engine, "use_node_local_storage", lambda: False)():  # each node checks the folder it sees
+    if node_local:  # each node checks the folder it sees
         part = (int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_SIZE", 0))
                 or int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or 0)
         part = part if part[1] > part[0] else (0, 1)

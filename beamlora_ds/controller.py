@@ -227,6 +227,14 @@ class BeamController:
                 "snapshot_step": self._snapshot_step, "history": list(self.history),
                 "nonfinite_loss_step": self._nonfinite_loss_step, "tensor_parallel": self.tensor_parallel_layout}
 
+    def module_names_problem(self, state: dict) -> Optional[str]:
+        """Why a saved state (`state_dict()`) belongs to other modules than this controller's, or None."""
+        saved = list(state.get("module_names", []))
+        if saved == self.module_names:
+            return None
+        return (f"Cannot resume: the checkpoint has {len(saved)} BeamLoRA modules, this model has "
+                f"{len(self.module_names)} (or different names). Use the same target_modules.")
+
     def tensor_parallel_problem(self, state: dict) -> Optional[str]:
         """Why a saved state (`state_dict()`) cannot resume here because of its tensor-parallel split, or None."""
         if state.get("tensor_parallel", {}) == self.tensor_parallel_layout:
@@ -252,9 +260,9 @@ class BeamController:
         if changed:
             raise ValueError("Cannot resume: the BeamLoRA config differs from the checkpoint's (" + "; ".join(changed)
                              + "). Resume with the original settings or start a new run.")
-        if list(state["module_names"]) != self.module_names:
-            raise ValueError(f"Cannot resume: the checkpoint has {len(state['module_names'])} BeamLoRA modules, this "
-                             f"model has {len(self.module_names)} (or different names). Use the same target_modules.")
+        problem = self.module_names_problem(state)
+        if problem:
+            raise ValueError(problem)
         problem = self.tensor_parallel_problem(state)
         if problem:
             raise ValueError(problem)

@@ -26,12 +26,11 @@ import time
 import zlib
 from typing import Callable, List, Optional, Tuple
 
-from .atomic import write_text_atomically
+from .atomic import PARTIAL, write_text_atomically
 
 MANIFEST = "manifest.json"
 FORMAT = 1
 CHUNK = 4 << 20  # 4 MiB reads: large enough that the hash, not the system calls, sets the speed
-PARTIAL = ".partial"  # the suffix checkpoint.save_checkpoint stages under (not imported: that pulls in the controller)
 DEEPSPEED_SUFFIXES = ("_model_states.pt", "_optim_states.pt")
 WHAT_TO_DO = ("resume from an earlier checkpoint (--resume auto picks the newest intact one), or delete this folder "
               "(or copy it again from its source)")

@@ -145,10 +145,14 @@ def check_shared_folder(folder: str, node_local: bool, error: Type[Exception] = 
             os.remove(probe)
 
 
+def node_local_storage(engine) -> bool:
+    """Whether `engine` keeps checkpoints per node (DeepSpeed's `checkpoint.use_node_local_storage`)."""
+    return getattr(engine, "use_node_local_storage", lambda: False)()
+
+
 def owns_folders(engine) -> bool:
     """The one process that renames checkpoint folders and moves `latest`: global rank 0 on a shared file
     system, each node's local rank 0 with DeepSpeed's node-local checkpoint storage."""
     if _comm() is None:
         return True
-    local = getattr(engine, "use_node_local_storage", lambda: False)()
-    return (engine.local_rank if local else rank()) == 0
+    return (engine.local_rank if node_local_storage(engine) else rank()) == 0

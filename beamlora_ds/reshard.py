@@ -20,7 +20,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from . import ranks
-from .atomic import fsync_tree, replace_dir
+from .atomic import PARTIAL, fsync_tree, replace_dir
 
 # <checkpoints>/.universal/<tag>: the converted copy, made once, beside the original (a hidden name: checkpoint tags
 # cannot start with "." (checkpoint.validate_tag), so it is never a user's checkpoint)
@@ -56,7 +56,7 @@ def convert_to_universal(ckpt_dir: str, tag: str, owner: bool) -> str:
     if owner and not os.path.isdir(target):
         from deepspeed.checkpoint import ds_to_universal
 
-        staging, said = target + ".partial", io.StringIO()
+        staging, said = target + PARTIAL, io.StringIO()
         try:
             shutil.rmtree(staging, ignore_errors=True)
             os.makedirs(os.path.dirname(target), exist_ok=True)

@@ -202,12 +202,13 @@ def global_batch_record(config: dict, replicas: int) -> dict:
 
 def _processes_of_latest(ckpt_dir: str) -> int:
     """How many processes wrote the checkpoint `latest` names (0 when that cannot be told)."""
+    from .checkpoint import read_latest
     from .reshard import saved_world_size
 
+    tag = read_latest(ckpt_dir)
     try:
-        with open(os.path.join(ckpt_dir, "latest")) as f:
-            return saved_world_size(os.path.join(ckpt_dir, f.read().strip()))
-    except OSError:
+        return saved_world_size(os.path.join(ckpt_dir, tag)) if tag else 0
+    except OSError:  # `latest` names a folder that is not there: check_output_dir's and the load's to say
         return 0
 
 

@@ -387,13 +387,10 @@ REFUSALS = (UsageError, dsc.DSConfigError, data_lib.DataError, beamlora_ds.Confi
 def main(argv=None):
     try:
         run(argv)
-    except REFUSALS as e:
+    except REFUSALS + (CheckpointWriteError,) as e:  # a failed write is raised on every process too
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # once per node: each node's log shows why it stopped
             print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
-        sys.exit(2)
-    except CheckpointWriteError as e:  # on the process whose write failed, which may not be process 0
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        sys.exit(1)
+        sys.exit(1 if isinstance(e, CheckpointWriteError) else 2)  # 2: the input; 1: the file system
 
 
 if __name__ == "__main__":
