@@ -1,6 +1,8 @@
 """Small models and loops the tests share (no downloads: everything is built from configs)."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -49,3 +51,17 @@ def optimizer_state_of(opt, module, key: str):
         return opt.state[getattr(module, name)][entry]
     value = opt.state[module.score_parameter][entry]
     return value if module.score_row is None or value.dim() == 0 else value[module.score_row]
+
+
+def flip_middle_byte(path) -> None:
+    """A bit-rot stand-in: the byte in the middle of the file inverted."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def truncate_last_byte(path) -> None:
+    """A cut-short copy: the file one byte shorter."""
+    os.truncate(path, os.path.getsize(path) - 1)

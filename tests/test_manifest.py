@@ -13,6 +13,7 @@ import torch
 from beamlora_ds import manifest as mf
 from beamlora_ds.manifest import (MANIFEST, ManifestError, checkpoint_tags, newest_intact, read_manifest, verify,
                                   write_manifest)
+from helpers import flip_middle_byte, truncate_last_byte
 
 MODEL = "mp_rank_00_model_states.pt"
 OPTIM = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -29,12 +30,6 @@ def make_checkpoint(folder, step=10, seed=0):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save({"t": torch.randn(64 + 16 * i, generator=gen)}, path)
     return write_manifest(str(folder), os.path.basename(folder), step, extra={"world_size": 2})
-
-
-def flip_middle_byte(path):
-    data = bytearray(open(path, "rb").read())
-    data[len(data) // 2] ^= 0xFF
-    open(path, "wb").write(bytes(data))
 
 
 def test_write_manifest_records_every_file_with_the_checksum_of_its_kind(tmp_path):
@@ -72,28 +67,25 @@ def test_a_flipped_byte_or_a_truncation_is_found_and_the_file_named(tmp_path, re
     if damage == "flip":
         flip_middle_byte(path)
     else:
-        os.truncate(path, os.path.getsize(path) - 1)
+        truncate_last_byte(path)
     problem = verify(folder)
     assert problem is not None and rel in problem
     assert ("corrupted" if damage == "flip" else "truncated") in problem
     assert "earlier checkpoint" in problem  # says what to do
 
 
-def test_an_extended_file_is_found(tmp_path):
-    folder = str(tmp_path / "ckpt")
-    make_checkpoint(folder)
-    with open(os.path.join(folder, OURS), "ab") as f:
+def extend_by_a_byte(path):
+    with open(path, "ab") as f:
         f.write(b"\0")
-    problem = verify(folder)
-    assert OURS in problem and "extended" in problem
 
 
-def test_a_missing_file_is_found(tmp_path):
+@pytest.mark.parametrize("rel, damage, word", [(OURS, extend_by_a_byte, "extended"), (OPTIM, os.remove, "missing")])
+def test_an_extended_or_missing_file_is_found(tmp_path, rel, damage, word):
     folder = str(tmp_path / "ckpt")
     make_checkpoint(folder)
-    os.remove(os.path.join(folder, OPTIM))
+    damage(os.path.join(folder, rel))
     problem = verify(folder)
-    assert OPTIM in problem and "missing" in problem
+    assert rel in problem and word in problem
 
 
 def test_a_folder_without_a_manifest_is_refused_unless_allowed(tmp_path):

@@ -13,25 +13,13 @@ import pytest
 import torch
 
 from beamlora_ds import checkpoint, manifest
+from helpers import flip_middle_byte, truncate_last_byte
 from train_runs import launch_train
 
 pytestmark = pytest.mark.slow
 
 RUN = ["--model_name_or_path", "builtin-tiny", "--lora_r", "4", "--max_steps", "4", "--interval", "2", "--p0", "0.5",
        "--lora_dropout", "0", "--logging_steps", "1", "--save_steps", "2", "--ds_config", "ds_configs/zero2.json"]
-
-
-def flip_middle_byte(path):
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0xFF]))
-
-
-def truncate_last_byte(path):
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) - 1)
 
 
 def adapter(out_dir):
