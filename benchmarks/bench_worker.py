@@ -86,7 +86,9 @@ class Bench:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
 
-        from beamlora_ds import data, ds_config, lr_schedule, models, processes
+        from beamlora_ds.backends.deepspeed.config import load_ds_config
+        from beamlora_ds.loading import builtin, models
+        from beamlora_ds.train import data, ds_config_auto, lr_schedule, processes
 
         self.args, self.torch, self.data, self.models = args, torch, data, models
         self.processes, self.lr_schedule = processes, lr_schedule
@@ -103,16 +105,15 @@ class Bench:
         threads = args.threads or max(1, (os.cpu_count() or 1) // self.world)
         torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
-        name = models.resolve_builtin(args.model)
+        name = builtin.resolve_builtin(args.model)
         self.model_name = name
         self.path = models.model_path(name, self.rank, barrier=dist.barrier)
         self.tokenizer = models.load_tokenizer(self.path)
-        raw = ds_config.load_ds_config(os.path.join(ROOT, "ds_configs", f"zero{args.stage}.json"))
-        self.config = ds_config.resolve_auto(raw, world_size=self.world, micro_batch=args.micro_batch, accumulation=1,
-                                             max_grad_norm=args.max_grad_norm, bf16=False, learning_rate=args.lr,
-                                             weight_decay=0.0, total_steps=None, warmup_steps=None, hidden_size=None,
-                                             persistence_threshold=None)
-        self.ds_config_module = ds_config
+        raw = load_ds_config(os.path.join(ROOT, "ds_configs", f"zero{args.stage}.json"))
+        self.config = ds_config_auto.fill_before_loading(raw, self.world, ds_config_auto.CommandLine(
+            micro_batch=args.micro_batch, accumulation=1, max_grad_norm=args.max_grad_norm, bf16=False,
+            learning_rate=args.lr, weight_decay=0.0))
+        self.ds_config_auto = ds_config_auto
         self.final_config = None
 
     # ------------------------------------------------------------------------------------------- data
@@ -141,8 +142,8 @@ class Bench:
     def a_init(self, model, seed):
         """lora_A for every target projection, kaiming-uniform(a=sqrt(5)) as peft and BeamLoRA both draw it,
         from one generator seeded by `seed`, so every method starts from the same adapter."""
-        from beamlora_ds.config import LLAMA_PROJECTIONS
-        from beamlora_ds.inject import matches_target
+        from beamlora_ds.method.config import LLAMA_PROJECTIONS
+        from beamlora_ds.method.inject import matches_target
 
         g = self.torch.Generator().manual_seed(seed)
         out = {}
@@ -156,7 +157,7 @@ class Bench:
     def build(self, method, seed, total_steps, warmup_steps=None):
         """(engine, controller or None, [(in, out) of each adapted layer]) for one method, lora_A set from `seed`."""
         import beamlora_ds
-        from beamlora_ds.config import LLAMA_PROJECTIONS, BeamLoRAConfig
+        from beamlora_ds.method.config import LLAMA_PROJECTIONS, BeamLoRAConfig
 
         torch, args = self.torch, self.args
         model = self.load_base()
@@ -190,9 +191,8 @@ class Bench:
                 weight.copy_(init[name])
         # the same config for every method: adapters resident under ZeRO-3 (threshold from the layer shapes)
         threshold = 1 + max(max(self.args.r * i, o * self.args.r) for i, o in modules)
-        config = self.ds_config_module.resolve_auto(
-            self.config, world_size=self.world, micro_batch=None, accumulation=None, max_grad_norm=None, bf16=None,
-            learning_rate=args.lr, weight_decay=0.0, total_steps=total_steps, warmup_steps=warmup_steps or 0,
+        config = self.ds_config_auto.fill_for_model(
+            self.config, learning_rate=args.lr, total_steps=total_steps, warmup_steps=warmup_steps or 0,
             hidden_size=getattr(model.config, "hidden_size", None), persistence_threshold=threshold)
         config["zero_allow_untested_optimizer"] = True
         self.final_config = config
@@ -259,10 +259,10 @@ def task_overhead(bench):
     engine0, _, layers = next(iter(runs.values()))
     events = {"snapshot": [], "reset": []}
     if "beamlora" in runs:
-        from beamlora_ds import beam as beam_lib
+        from beamlora_ds.method import algorithm
 
         events = {kind: [t for t in range(1, args.steps + 1) if fn(t, args.interval, args.steps)]
-                  for kind, fn in (("snapshot", beam_lib.is_snapshot_step), ("reset", beam_lib.is_reset_step))}
+                  for kind, fn in (("snapshot", algorithm.is_snapshot_step), ("reset", algorithm.is_reset_step))}
     series = {m: {} for m in methods}
     resets = []
     for step in range(1, args.steps + 1):
@@ -390,7 +390,7 @@ def held_out(bench, rows, n, seed):
 
 
 def task_quality(bench):
-    from beamlora_ds.evaluate import exact_match
+    from beamlora_ds.train.evaluate import exact_match
 
     args, torch = bench.args, bench.torch
     warmup = int(args.warmup_ratio * args.steps)

@@ -89,9 +89,9 @@ def to_nf4(model, device):
     import torch
     from bitsandbytes.nn import Linear4bit, Params4bit
 
-    from beamlora_ds import quant
+    from beamlora_ds import check_4bit_request, prepare_4bit_model
 
-    settings = quant.check_4bit_request(None, compute_dtype=torch.bfloat16, model_dtype=torch.bfloat16)
+    settings = check_4bit_request(None, compute_dtype=torch.bfloat16, model_dtype=torch.bfloat16)
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -106,7 +106,7 @@ def to_nf4(model, device):
                     layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(parent, name, layer.to(device))  # .to(device) quantizes
                 replaced += 1
-    quant.prepare_4bit_model(model)  # frozen base, CPU repacking trap off, train mode
+    prepare_4bit_model(model)  # frozen base, CPU repacking trap off, train mode
     return replaced
 
 
@@ -162,7 +162,7 @@ def flop_counts(args) -> dict:
 # ---------------------------------------------------------------------------------------------- measure
 def measure(args, base: str, method: str, device, flops: dict) -> dict:
     import torch
-    from beamlora_ds import beam as beam_lib
+    from beamlora_ds.method import algorithm
 
     cuda = device.type == "cuda"
     total = args.warmup + args.steps
@@ -220,7 +220,7 @@ def measure(args, base: str, method: str, device, flops: dict) -> dict:
             times.append(time.perf_counter() - t0)
         losses.append(loss.detach())
         kinds.append("reset" if record is not None else "snapshot" if controller is not None and
-                     beam_lib.is_snapshot_step(step, args.interval, total) else "step")
+                     algorithm.is_snapshot_step(step, args.interval, total) else "step")
     if cuda:
         torch.cuda.synchronize()
         times = [s.elapsed_time(e) / 1e3 for s, e in times]

@@ -5,7 +5,7 @@
 Needs one CUDA GPU (it refuses cleanly without one). A Llama with 7B-shaped layers (hidden 4096, intermediate
 11008, 32 heads, vocab 32000; 4 decoder layers by default, 2 with --quick) is built from a LlamaConfig with
 random weights and saved once in bf16. Then, each in a fresh process (so peak GPU memory is its own):
-  nf4:  `beamlora_ds.quant.load_4bit_model` (NF4, double quantization, bf16 compute and storage), the
+  nf4:  `beamlora_ds.load_4bit_model` (NF4, double quantization, bf16 compute and storage), the
         real loading path of `launch/train.py --quantization nf4`;
   bf16: `from_pretrained(dtype=bf16)`;
 both with BeamLoRA r=64 (alpha 128) on all 7 projections, DeepSpeed ZeRO stage 2 in one process (as
@@ -97,8 +97,8 @@ def child(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     import beamlora_ds
-    from beamlora_ds import beam as beam_lib
-    from beamlora_ds import quant
+    from beamlora_ds import load_4bit_model
+    from beamlora_ds.method import algorithm
 
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=300))
     if cuda:
@@ -108,7 +108,7 @@ def child(args) -> dict:
     checkpointing = not args.no_gradient_checkpointing
     tick = time.perf_counter()
     if args.child == "nf4":
-        model = quant.load_4bit_model(args.model_dir, config, compute_dtype=torch.bfloat16, double_quant=True,
+        model = load_4bit_model(args.model_dir, config, compute_dtype=torch.bfloat16, double_quant=True,
                                       gradient_checkpointing=checkpointing)
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16)
@@ -144,7 +144,7 @@ def child(args) -> dict:
         times.append(time.perf_counter() - tick)
         losses.append(loss.item())
         kinds.append("reset" if record is not None else
-                     "snapshot" if beam_lib.is_snapshot_step(step, args.interval, args.steps) else "step")
+                     "snapshot" if algorithm.is_snapshot_step(step, args.interval, args.steps) else "step")
     ordinary = [t for t, k in zip(times[2:], kinds[2:]) if k == "step"] or times[1:]
     step_s = statistics.median(ordinary)
     pruned = [len(r["pruned"]) for r in beam.history]

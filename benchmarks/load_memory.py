@@ -5,7 +5,7 @@
 
 A Llama built from a config (no download) is saved once in bf16 to a temporary folder. Each mode runs --repeats
 `deepspeed --num_gpus 2` launches (alternating) of this file's worker, which loads it with
-`beamlora_ds.quant.load_4bit_model` (ZeRO-3, bf16 storage and compute, double quantization), applies BeamLoRA and
+`beamlora_ds.load_4bit_model` (ZeRO-3, bf16 storage and compute, double quantization), applies BeamLoRA and
 calls `deepspeed.initialize`; then it digests every gathered parameter and every quantization constant,
 so the two modes can be compared bit for bit. Modes:
   together  every process loads at the same time and keeps its whole copy until deepspeed.initialize
@@ -227,7 +227,7 @@ def main(argv=None):
 def worker(args):
     import torch
 
-    from beamlora_ds import processes
+    from beamlora_ds.train import processes
 
     rank, world = processes.init_distributed(120)
     with open(os.path.join(args.out_dir, f"rank{rank}.pid"), "w") as f:
@@ -236,9 +236,9 @@ def worker(args):
     import transformers  # noqa: F401  (imported before the baseline: it counts the libraries, not the model)
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: F401
 
-    from beamlora_ds import quant  # noqa: F401  (imports bitsandbytes)
+    from beamlora_ds import check_4bit_request
 
-    quant.check_4bit_request(ds_config())
+    check_4bit_request(ds_config())
     dist.barrier()
     record = {"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", 0)), "mode": args.mode,
               "baseline_anon": status_bytes()["RssAnon"]}
@@ -260,11 +260,12 @@ def load(args, rank: int, record: dict):
     """load_4bit_model in the mode asked (the environment variable set by the launcher side picks it)."""
     import torch
 
-    from beamlora_ds import quant, staggered
+    from beamlora_ds import load_4bit_model
+    from beamlora_ds.loading import staggered
 
     path = os.path.join(args.model_dir, "missing") if rank == args.fail_rank else args.model_dir
     started = time.time()
-    model = quant.load_4bit_model(path, ds_config(), compute_dtype=torch.bfloat16)
+    model = load_4bit_model(path, ds_config(), compute_dtype=torch.bfloat16)
     turns = staggered.turns_taken()
     record["load_started"], record["load_finished"] = (turns[-1].started, turns[-1].finished) if turns else \
         (started, time.time())
@@ -295,7 +296,7 @@ def build_engine(model):
     import torch
 
     from beamlora_ds import BeamLoRAConfig, apply, optimizer_param_groups
-    from beamlora_ds.zero_access import persistence_threshold_for
+    from beamlora_ds.backends.deepspeed.zero_params import persistence_threshold_for
 
     torch.manual_seed(0)
     beam = apply(model, BeamLoRAConfig(r=8, interval=2, total_steps=10))

@@ -69,10 +69,10 @@ def parse(argv=None):
                              ("interval", 6, 4), ("profile_steps", 3, 1)):
         if getattr(args, key) is None:
             setattr(args, key, small if quick else full)
-    from beamlora_ds import beam
+    from beamlora_ds.method import algorithm
 
     in_window = {kind: [t for t in range(args.warmup + 1, args.steps + 1) if fn(t, args.interval, args.steps)]
-                 for kind, fn in (("snapshot", beam.is_snapshot_step), ("reset", beam.is_reset_step))}
+                 for kind, fn in (("snapshot", algorithm.is_snapshot_step), ("reset", algorithm.is_reset_step))}
     if min(len(v) for v in in_window.values()) < 2:
         p.error(f"--steps {args.steps} --warmup {args.warmup} --interval {args.interval} time only {in_window}; the "
                 "timed window needs at least 2 snapshots and 2 resets (e.g. steps = 4 x interval, warmup < interval)")

@@ -4,7 +4,7 @@
 
 A Llama built from a config (no download) is saved once in bf16; each measurement is a fresh child process that
 loads it either as bf16 (`from_pretrained(dtype=bf16)`) or as NF4 with double quantization and bf16 compute
-(`beamlora_ds.quant.load_4bit_model`), wraps all seven projections with BeamLoRA (same r, bf16 adapters both),
+(`beamlora_ds.load_4bit_model`), wraps all seven projections with BeamLoRA (same r, bf16 adapters both),
 and trains a few steps with torch AdamW on random tokens (including a reset). getrusage's peak RSS can only grow
 within a process, so every measurement is its own child process, and the variants alternate (nf4, bf16, nf4,
 bf16, ...) in this one run, which also spreads the noise of a shared machine over both. Memory is counted above
@@ -133,7 +133,7 @@ def child(args) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: F401
 
     import beamlora_ds
-    from beamlora_ds import quant
+    from beamlora_ds import load_4bit_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,7 +142,7 @@ def child(args) -> dict:
     sampler = RssSampler()
     tick = time.perf_counter()
     if args.child == "nf4":
-        model = quant.load_4bit_model(args.model_dir, None, compute_dtype=torch.bfloat16, double_quant=True,
+        model = load_4bit_model(args.model_dir, None, compute_dtype=torch.bfloat16, double_quant=True,
                                       model_dtype=torch.bfloat16)
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16).train()

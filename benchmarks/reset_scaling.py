@@ -222,11 +222,11 @@ def llama_shapes(cfg: dict, r: int) -> dict:
 
 
 def extrapolate(args, constants: dict) -> dict:
-    from beamlora_ds import beam
+    from beamlora_ds.method import algorithm
 
     shapes = llama_shapes(LLAMA2_70B, args.rank)
     N, r, W = shapes["modules"], args.rank, args.gpus
-    keep = beam.keep_fraction(args.interval, args.p0, max(1, 2 * args.total_steps // 3))
+    keep = algorithm.keep_fraction(args.interval, args.p0, max(1, 2 * args.total_steps // 3))
     first = round((1 - keep) * N * r)
     scenarios = {"first reset (paper schedule, importance spread evenly)": first,
                  "every rank but one per module (most select_pruned allows)": N * (r - 1),

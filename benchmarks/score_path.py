@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from beamlora_ds.layer import rank_weights  # noqa: E402
-from beamlora_ds.score_table import ScoreTable  # noqa: E402
+from beamlora_ds.method.layer import rank_weights  # noqa: E402
+from beamlora_ds.method.score_table import ScoreTable  # noqa: E402
 
 
 class FusedRankScale(torch.autograd.Function):

@@ -72,12 +72,14 @@ class TPBench:
 
         import torch
 
-        from beamlora_ds import ds_config, models, processes
+        from beamlora_ds.backends.deepspeed.config import load_ds_config
+        from beamlora_ds.loading import builtin, models
+        from beamlora_ds.train import ds_config_auto, processes
 
         if not args.verbose:
             for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "beamlora_ds"):
                 logging.getLogger(noisy).setLevel(logging.ERROR)
-        self.args, self.torch, self.models, self.processes, self.dsc = args, torch, models, processes, ds_config
+        self.args, self.torch, self.models, self.processes, self.dsc = args, torch, models, processes, ds_config_auto
         self.rank, self.world = processes.init_distributed(900)
         import deepspeed
         import deepspeed.comm as dist
@@ -85,23 +87,21 @@ class TPBench:
         self.deepspeed, self.dist = deepspeed, dist
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // self.world))
         self.threads = torch.get_num_threads()
-        self.model_name = models.resolve_builtin(args.model)
+        self.model_name = builtin.resolve_builtin(args.model)
         self.path = models.model_path(self.model_name, self.rank, barrier=dist.barrier)
-        self.model_config = (models.tiny_llama_config() if self.path == models.BUILTIN_TINY
-                             else models.load_config(self.path))
+        self.model_config = models.load_config(self.path)
         self.tp = self.world if args.task == "pair" or args.mode == "tp" else 1
         self.replicas = self.world // self.tp
         if args.global_batch % self.replicas:
             raise SystemExit(f"--global_batch {args.global_batch} does not split over {self.replicas} replicas")
         self.micro = args.global_batch // self.replicas  # per process
         name = "tp2_zero1.json" if self.tp > 1 else "zero3.json"
-        raw = ds_config.load_ds_config(os.path.join(ROOT, "ds_configs", name))
+        raw = load_ds_config(os.path.join(ROOT, "ds_configs", name))
         if self.tp > 1:
             raw["tensor_parallel"] = dict(raw.get("tensor_parallel") or {}, autotp_size=self.tp)
-        self.config = ds_config.resolve_auto(raw, world_size=self.replicas, micro_batch=self.micro, accumulation=1,
-                                             max_grad_norm=args.max_grad_norm, bf16=False, learning_rate=args.lr,
-                                             weight_decay=0.0, total_steps=None, warmup_steps=None,
-                                             hidden_size=None, persistence_threshold=None)
+        self.config = ds_config_auto.fill_before_loading(raw, self.replicas, ds_config_auto.CommandLine(
+            micro_batch=self.micro, accumulation=1, max_grad_norm=args.max_grad_norm, bf16=False, learning_rate=args.lr,
+            weight_decay=0.0))
         self.final_configs = {}
 
     # ------------------------------------------------------------------------------------------- data
@@ -128,7 +128,7 @@ class TPBench:
         from deepspeed.module_inject.layers import set_autotp_mode
         from deepspeed.utils import groups
 
-        from beamlora_ds.lr_schedule import lr_lambda
+        from beamlora_ds.train.lr_schedule import lr_lambda
 
         groups._init_tp_mesh_device(tensor_model_parallel_size=self.tp)  # prepare_tensor_parallel does the same
         set_autotp_mode(training=True)
@@ -139,10 +139,9 @@ class TPBench:
         params = [m.weight for m in norms]
         for p in params:
             p.requires_grad_(True)
-        config = self.dsc.resolve_auto(self.config, world_size=self.replicas, micro_batch=None, accumulation=None,
-                                       max_grad_norm=None, bf16=None, learning_rate=self.args.lr, weight_decay=0.0,
-                                       total_steps=total_steps, warmup_steps=0,
-                                       hidden_size=self.model_config.hidden_size, persistence_threshold=None)
+        hidden = self.model_config.hidden_size  # no adapters: HF's persistence threshold (10 x hidden)
+        config = self.dsc.fill_for_model(self.config, learning_rate=self.args.lr, total_steps=total_steps,
+                                         warmup_steps=0, hidden_size=hidden, persistence_threshold=10 * hidden)
         config["zero_allow_untested_optimizer"] = True
         optimizer = torch.optim.AdamW([{"params": params, "weight_decay": 0.0}], lr=self.args.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("constant", 0, total_steps))
@@ -155,8 +154,8 @@ class TPBench:
     def build_beamlora(self, total_steps):
         """As launch/train.py: apply, prepare_tensor_parallel (nothing without TP), engine.initialize_engine."""
         import beamlora_ds
-        from beamlora_ds.config import LLAMA_PROJECTIONS, BeamLoRAConfig
-        from beamlora_ds.engine import initialize_engine
+        from beamlora_ds.method.config import LLAMA_PROJECTIONS, BeamLoRAConfig
+        from beamlora_ds.train.engine import initialize_engine
 
         a = self.args
         model = self.load()
@@ -167,9 +166,8 @@ class TPBench:
                                                        target_modules=list(LLAMA_PROJECTIONS), interval=a.interval,
                                                        p0=a.p0, total_steps=total_steps, seed=a.seed))
         splits = beamlora_ds.prepare_tensor_parallel(model, self.config)
-        engine, config = initialize_engine(model, beam.modules, self.config, world_size=self.replicas,
-                                           learning_rate=a.lr, weight_decay=0.0, lr_scheduler_type="constant",
-                                           total_steps=total_steps, warmup_steps=0)
+        engine, config = initialize_engine(model, beam.modules, self.config, learning_rate=a.lr, weight_decay=0.0,
+                                           lr_scheduler_type="constant", total_steps=total_steps, warmup_steps=0)
         self.final_configs["beamlora"] = config
         trainable = [p for p in model.parameters() if p.requires_grad]
         return engine, beam, {"trainable": f"{len(beam.modules)} BeamLoRA layers (A, B) + score",
@@ -202,10 +200,10 @@ def layer_report(bench, engine, beam):
 
 
 def events_for(args):
-    from beamlora_ds import beam as beam_lib
+    from beamlora_ds.method import algorithm
 
     return {kind: [t for t in range(1, args.steps + 1) if fn(t, args.interval, args.steps)]
-            for kind, fn in (("snapshot", beam_lib.is_snapshot_step), ("reset", beam_lib.is_reset_step))}
+            for kind, fn in (("snapshot", algorithm.is_snapshot_step), ("reset", algorithm.is_reset_step))}
 
 
 def mean_over_processes(bench, values):

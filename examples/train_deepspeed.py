@@ -15,7 +15,6 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import beamlora_ds
-from beamlora_ds.telemetry import log_reset
 
 
 def load_model(name: str, dtype: torch.dtype):
@@ -80,7 +79,7 @@ def main():
         engine.backward(loss)
         engine.step()
         record = beam.step(engine)  # a reset record at a reset step, else None
-        log_reset(os.path.join(args.out, "log.jsonl"), record)  # process 0 writes; beamlora-plot draws it
+        beamlora_ds.log_reset(os.path.join(args.out, "log.jsonl"), record)  # process 0 writes; beamlora-plot draws it
         if rank == 0 and record:
             print(f"step {step + 1}: reset moved {len(record['pruned'])} ranks; loss {loss.item():.4f}", flush=True)
         if (step + 1) % args.save_every == 0 or step + 1 == args.stop_at:

@@ -13,7 +13,6 @@ import torch
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments)
 
 import beamlora_ds
-from beamlora_ds.hf import attach
 
 
 class Counting(torch.utils.data.Dataset):
@@ -54,7 +53,7 @@ def main():
         use_cpu=not torch.cuda.is_available(),   # without CUDA: else accelerate sees only one process
         deepspeed=args.deepspeed)
     trainer = Trainer(model=model, args=training_args, train_dataset=Counting())
-    attach(trainer, beam)             # steps BeamLoRA, saves adapter-only checkpoints with its state
+    beamlora_ds.attach(trainer, beam)  # steps BeamLoRA, saves adapter-only checkpoints with its state
     trainer.train(resume_from_checkpoint=args.resume or None)
     trainer.save_model(os.path.join(args.out, "adapter"))  # a stock peft adapter (score folded in)
     if trainer.is_world_process_zero():

@@ -45,7 +45,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # memory_model.py, also when loaded by path
@@ -139,43 +139,71 @@ def buffer_components(model: ModelShape, stage: int, quantization: str, tp: int,
     return comps
 
 
-def estimate(model: ModelShape, gpus: int = 1, stage: int = 3, offload: bool = False, quantization: str = "none",
-             r: int = 64, targets: Sequence[str] = PROJECTIONS, micro_batch: int = 4, seq: int = 512,
-             gradient_checkpointing: bool = True, gpus_per_node: Optional[int] = None,
-             lora_dropout: Optional[float] = None, attention: str = "sdpa", double_quant: bool = True,
-             overhead_gib: float = 1.0, gpu_mem_gib: float = 80.0, tp: int = 1) -> dict:
-    """Per-GPU and host memory of one training process. Returns components in bytes and totals.
-    lora_dropout None: 0.05 (the paper's), 0 under tensor parallelism (as launch/train.py)."""
-    lora_dropout = (0.0 if tp > 1 else 0.05) if lora_dropout is None else lora_dropout
-    problem = refusal(model, gpus, stage, offload, quantization, tp, lora_dropout)
+@dataclass(frozen=True)
+class Cluster:
+    """Where one run trains: world size (GPUs), tensor-parallel degree, ZeRO stage, offload, and the GPU's memory."""
+
+    gpus: int = 1
+    stage: int = 3
+    tp: int = 1
+    offload: bool = False
+    gpus_per_node: Optional[int] = None  # None: min(gpus, 8)
+    gpu_mem_gib: float = 80.0
+    overhead_gib: float = 1.0  # CUDA context + NCCL allowance (ASSUMPTION, not computed)
+
+    @property
+    def node_size(self) -> int:
+        return self.gpus_per_node or min(self.gpus, 8)
+
+
+@dataclass(frozen=True)
+class Training:
+    """What one run trains: the base's storage, the adapter, the batch and how activations are kept."""
+
+    quantization: str = "none"
+    double_quant: bool = True
+    r: int = 64
+    targets: Sequence[str] = PROJECTIONS
+    micro_batch: int = 4
+    seq: int = 512
+    gradient_checkpointing: bool = True
+    lora_dropout: Optional[float] = None  # None: the paper's 0.05, or 0 under tensor parallelism (as launch/train.py)
+    attention: str = "sdpa"
+
+    def dropout(self, tp: int) -> float:
+        return (0.0 if tp > 1 else 0.05) if self.lora_dropout is None else self.lora_dropout
+
+
+def estimate(model: ModelShape, cluster: Cluster = Cluster(), training: Training = Training()) -> dict:
+    """Per-GPU and host memory of one training process. Returns components in bytes and totals."""
+    dropout = training.dropout(cluster.tp)
+    problem = refusal(model, cluster.gpus, cluster.stage, cluster.offload, training.quantization, cluster.tp, dropout)
     if problem:
         raise ValueError(problem)
-    gpus_per_node = gpus_per_node or min(gpus, 8)
-    dp = gpus // tp
-    targets = check_targets(targets)
-    adapter = adapter_param_counts(model, r, targets, tp)
-    act = activation_bytes(model, seq, micro_batch, r, targets, gradient_checkpointing, lora_dropout, attention, tp)
-    comps = (base_components(model, stage, offload, quantization, double_quant, tp, dp)
-             + adapter_components(adapter, stage, offload, tp, dp)
-             + activation_components(act, gradient_checkpointing)
-             + buffer_components(model, stage, quantization, tp, overhead_gib))
+    tp, dp = cluster.tp, cluster.gpus // cluster.tp
+    targets = check_targets(training.targets)
+    adapter = adapter_param_counts(model, training.r, targets, tp)
+    act = activation_bytes(model, training.seq, training.micro_batch, training.r, targets,
+                           training.gradient_checkpointing, dropout, training.attention, tp)
+    comps = (base_components(model, cluster.stage, cluster.offload, training.quantization, training.double_quant, tp, dp)
+             + adapter_components(adapter, cluster.stage, cluster.offload, tp, dp)
+             + activation_components(act, training.gradient_checkpointing)
+             + buffer_components(model, cluster.stage, training.quantization, tp, cluster.overhead_gib))
     gpu_total = sum(c["gpu_bytes"] for c in comps)
     host_proc = sum(c["host_bytes"] for c in comps)
+    inputs = dict(asdict(cluster), gpus_per_node=cluster.node_size, data_parallel=dp,
+                  **dict(asdict(training), targets=list(targets), lora_dropout=dropout), model=asdict(model))
     return {
-        "inputs": {"model": asdict(model), "gpus": gpus, "gpus_per_node": gpus_per_node, "stage": stage, "tp": tp,
-                   "data_parallel": dp, "offload": offload, "quantization": quantization,
-                   "double_quant": double_quant, "r": r, "targets": list(targets), "micro_batch": micro_batch,
-                   "seq": seq, "gradient_checkpointing": gradient_checkpointing, "lora_dropout": lora_dropout,
-                   "attention": attention, "overhead_gib": overhead_gib, "gpu_mem_gib": gpu_mem_gib},
-        "params": {"base": base_param_counts(model), "adapter": adapter_param_counts(model, r, targets)},
+        "inputs": inputs,
+        "params": {"base": base_param_counts(model), "adapter": adapter_param_counts(model, training.r, targets)},
         "params_per_gpu": {"base": base_param_counts(model, tp), "adapter": adapter},
         "activations": act,
         "components": comps,
         "gpu_total_bytes": gpu_total,
         "host_per_process_bytes": host_proc,
-        "host_per_node_bytes": host_proc * min(gpus_per_node, gpus),
+        "host_per_node_bytes": host_proc * min(cluster.node_size, cluster.gpus),
         "gpu_total_gib": gpu_total / GIB,
-        "fits": gpu_total <= gpu_mem_gib * GIB,
+        "fits": gpu_total <= cluster.gpu_mem_gib * GIB,
     }
 
 
@@ -237,14 +265,13 @@ TABLE_SETTINGS = dict(r=64, micro_batch=4, seq=512, gradient_checkpointing=True)
 
 
 def recipe_results(**overrides) -> Dict[str, Dict[str, dict]]:
-    settings = dict(TABLE_SETTINGS, **overrides)
+    training = Training(**dict(TABLE_SETTINGS, **overrides))
     out: Dict[str, Dict[str, dict]] = {}
     for rec in RECIPES:
-        out[rec["key"]] = {}
-        for key, shape in BUILTIN_MODELS.items():
-            out[rec["key"]][key] = estimate(shape, gpus=rec["gpus"], gpus_per_node=rec["gpus_per_node"],
-                                            stage=rec["stage"], offload=rec["offload"],
-                                            quantization=rec["quantization"], tp=rec.get("tp", 1), **settings)
+        cluster = Cluster(gpus=rec["gpus"], gpus_per_node=rec["gpus_per_node"], stage=rec["stage"], tp=rec.get("tp", 1),
+                          offload=rec["offload"])
+        out[rec["key"]] = {key: estimate(shape, cluster, replace(training, quantization=rec["quantization"]))
+                           for key, shape in BUILTIN_MODELS.items()}
     return out
 
 
@@ -332,13 +359,14 @@ def main(argv=None) -> int:
             payload = {"settings": TABLE_SETTINGS, "recipes": RECIPES, "results": results}
         else:
             shape = shape_from_config(args.config) if args.config else BUILTIN_MODELS[args.model]
-            payload = estimate(shape, gpus=args.gpus, stage=args.stage, offload=args.offload, tp=args.tp,
-                               quantization=args.quantization, r=args.r, targets=args.targets.split(","),
-                               micro_batch=args.micro_batch, seq=args.seq,
-                               gradient_checkpointing=args.gradient_checkpointing,
-                               gpus_per_node=args.gpus_per_node, lora_dropout=args.lora_dropout,
-                               attention=args.attention, double_quant=not args.no_double_quant,
-                               overhead_gib=args.overhead_gib, gpu_mem_gib=args.gpu_mem_gib)
+            cluster = Cluster(gpus=args.gpus, stage=args.stage, tp=args.tp, offload=args.offload,
+                              gpus_per_node=args.gpus_per_node, gpu_mem_gib=args.gpu_mem_gib,
+                              overhead_gib=args.overhead_gib)
+            training = Training(quantization=args.quantization, double_quant=not args.no_double_quant, r=args.r,
+                                targets=args.targets.split(","), micro_batch=args.micro_batch, seq=args.seq,
+                                gradient_checkpointing=args.gradient_checkpointing, lora_dropout=args.lora_dropout,
+                                attention=args.attention)
+            payload = estimate(shape, cluster, training)
             print(format_report(payload))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

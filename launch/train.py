@@ -22,114 +22,26 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import beamlora_ds  # noqa: E402
-from beamlora_ds import data as data_lib, ds_config as dsc  # noqa: E402
-from beamlora_ds import models, processes, quant, ranks, support  # noqa: E402
-from beamlora_ds.checkpoint import CheckpointDamagedError, CheckpointWriteError  # noqa: E402
-from beamlora_ds.config import LLAMA_PROJECTIONS, BeamLoRAConfig  # noqa: E402
-from beamlora_ds.evaluate import exact_match  # noqa: E402
-from beamlora_ds.engine import all_reduce_to_cpu, initialize_engine, optimizer_step  # noqa: E402
-from beamlora_ds.processes import release_shm_buffers  # noqa: E402
-from beamlora_ds.run_log import RunLog, configure_logging  # noqa: E402
-from beamlora_ds.train_checks import (GLOBAL_BATCH, UsageError, check_arguments, check_output_dir,  # noqa: E402
+from beamlora_ds import BeamLoRAConfig, CheckpointDamagedError, CheckpointWriteError, UnsupportedSetupError  # noqa: E402
+from beamlora_ds.backends.deepspeed import config as dsc  # noqa: E402
+from beamlora_ds.backends.deepspeed.autotp import vocab_gathering_processors  # noqa: E402
+from beamlora_ds.backends.deepspeed.supported_setups import check_zero_support  # noqa: E402
+from beamlora_ds.checkpointing.folders import check_shared_folder  # noqa: E402
+from beamlora_ds.loading import models  # noqa: E402
+from beamlora_ds.loading.builtin import resolve_builtin  # noqa: E402
+from beamlora_ds.loading.four_bit_request import QuantizationError, check_4bit_request  # noqa: E402
+from beamlora_ds.method.algorithm import is_reset_step  # noqa: E402
+from beamlora_ds.train import data as data_lib, processes  # noqa: E402
+from beamlora_ds.train.checks import (GLOBAL_BATCH, UsageError, check_arguments, check_output_dir,  # noqa: E402
                                       check_resume_batch, check_targets_before_loading, check_tensor_parallel,
-                                      fill_defaults, global_batch_record, make_beam_config, resolve_batch,
-                                      show_defaults, tensor_parallel_degree)
+                                      global_batch_record, make_beam_config, resolve_batch, tensor_parallel_degree)
+from beamlora_ds.train.engine import all_reduce_to_cpu, initialize_engine, optimizer_step  # noqa: E402
+from beamlora_ds.train.evaluate import exact_match  # noqa: E402
+from beamlora_ds.train.options import fill_defaults, parse_args  # noqa: E402
+from beamlora_ds.train.processes import release_shm_buffers  # noqa: E402
+from beamlora_ds.train.run_log import RunLog, configure_logging  # noqa: E402
 
 logger = logging.getLogger("beamlora_ds.train")
-
-# Defaults when neither a model nor a dataset is given: small enough for a CPU in a few minutes.
-BUILTIN_DEFAULTS = dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.0, interval=10, p0=0.8, max_steps=30,
-                        learning_rate=1e-3, per_device_train_batch_size=4, max_length=64, eval_samples=64,
-                        warmup_ratio=0.1, logging_steps=1, save_steps=20, output_dir="outputs/builtin")
-# Defaults otherwise (the paper's reference run, docs/method.md section 7).
-PAPER_DEFAULTS = dict(lora_r=64, lora_alpha=128.0, lora_dropout=0.05, interval=3000, p0=0.95, max_steps=-1,
-                      learning_rate=3e-4, per_device_train_batch_size=4, max_length=512, eval_samples=0,
-                      warmup_ratio=0.03, logging_steps=10, save_steps=500, output_dir=None)
-
-
-# ------------------------------------------------------------------------------------------ the command line
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for add_groups in (_deepspeed_and_model_options, _data_options, _beamlora_options, _training_and_output_options):
-        add_groups(p)
-    show_defaults(p, PAPER_DEFAULTS, BUILTIN_DEFAULTS)
-    return p.parse_args(argv)
-
-
-def _deepspeed_and_model_options(p):
-    g = p.add_argument_group("DeepSpeed")
-    g.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", help="DeepSpeed JSON (ds_configs/*.json)")
-    g.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
-    g.add_argument("--dist_timeout", type=int, default=1800, help="seconds before a stuck collective fails")
-    g = p.add_argument_group("model")
-    g.add_argument("--model_name_or_path", default=None,
-                   help="hub name or local folder; default: built-in (SmolLM2-135M if installed, else tiny Llama)")
-    g.add_argument("--bf16", action="store_true", default=None, help="train in bf16 (must match the config)")
-    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
-    g.add_argument("--quantization", default="none", choices=["none", "nf4"],
-                   help="nf4: load the base in 4-bit NF4 with double quantization (QLoRA-style; needs bitsandbytes); "
-                        "compute dtype bf16 with --bf16, else fp32")
-
-
-def _data_options(p):
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=None, help="hub name, .json/.jsonl/.csv file, or a save_to_disk folder")
-    g.add_argument("--dataset_split", default="train", help="split of a hub dataset or folder")
-    g.add_argument("--prompt_field", default="prompt", help="field holding each example's prompt")
-    g.add_argument("--response_field", default="response", help="field holding the response (the loss is on it)")
-    g.add_argument("--prompt_template", default=data_lib.DEFAULT_TEMPLATE, help="must contain {prompt}")
-    g.add_argument("--max_length", type=int, default=None, help="tokens per example (longer ones are dropped)")
-    g.add_argument("--eval_samples", type=int, default=None, help="held-out built-in questions for exact match")
-
-
-def _beamlora_options(p):
-    g = p.add_argument_group("BeamLoRA")
-    g.add_argument("--lora_r", type=int, default=None, help="rank r of every adapter")
-    g.add_argument("--lora_alpha", type=float, default=None, help="scaling alpha (the update is alpha/r B w A x)")
-    g.add_argument("--lora_dropout", type=float, default=None, help="dropout on the adapter's input")
-    g.add_argument("--tau", type=float, default=0.05,
-                   help="softmax temperature of the rank scores (the paper uses 0.03 when lr < 1e-4)")
-    g.add_argument("--target_modules", default=",".join(LLAMA_PROJECTIONS),
-                   help="comma-separated names, or a regex if it starts with 're:'")
-    g.add_argument("--interval", type=int, default=None, help="reset interval T in optimizer steps")
-    g.add_argument("--p0", type=float, default=None,
-                   help="keep-fraction at the first reset; it rises to 1 along a half cosine")
-    g.add_argument("--t_end", type=int, default=None,
-                   help="step at which the keep-fraction reaches 1 (default: two thirds of the run)")
-    g.add_argument("--optimizer_state", default="inherit", choices=["inherit", "keep"],
-                   help="Adam moments of a refilled rank: the source's from the snapshot, or left as they were")
-    g.add_argument("--importance", default="score", choices=["score", "norm"],
-                   help="rank importance: the learned score, or ||b_i|| ||a_i||")
-
-
-def _training_and_output_options(p):
-    g = p.add_argument_group("training")
-    g.add_argument("--learning_rate", type=float, default=None, help="peak learning rate")
-    g.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant"],
-                   help="after the warmup")
-    g.add_argument("--warmup_ratio", type=float, default=None, help="fraction of the steps with linear warmup")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="on A and B (never on the score)")
-    g.add_argument("--max_grad_norm", type=float, default=None, help="default 1.0 (or the config's value)")
-    g.add_argument("--num_train_epochs", type=float, default=3.0, help="used when --max_steps is not > 0")
-    g.add_argument("--max_steps", type=int, default=None, help="optimizer steps; overrides epochs when > 0")
-    g.add_argument("--per_device_train_batch_size", type=int, default=None, help="examples per process per micro-step")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=None,
-                   help="micro-steps per optimizer step (default 1, or the config's value)")
-    g.add_argument("--seed", type=int, default=42, help="data order, adapter init, reset pairing")
-    g = p.add_argument_group("output")
-    g.add_argument("--output_dir", default=None, help="run folder: checkpoints, adapter, log.jsonl, run_args.json")
-    g.add_argument("--overwrite_output_dir", action="store_true", help="write into a non-empty output_dir")
-    g.add_argument("--resume", nargs="?", const="latest", default=None, choices=["latest", "auto"],
-                   help="continue from the checkpoint `latest` names in output_dir (refused if it is damaged); "
-                        "'--resume auto': from the newest intact one. Another number of GPUs is fine if the global "
-                        "batch stays (docs/training.md)")
-    g.add_argument("--allow_new_global_batch", action="store_true",
-                   help="let --resume change the global batch (the data order changes)")
-    g.add_argument("--save_steps", type=int, default=None, help="checkpoint every N optimizer steps; 0: at the end")
-    g.add_argument("--logging_steps", type=int, default=None, help="a log.jsonl record every N steps")
-    g.add_argument("--stop_after", type=int, default=0,
-                   help="checkpoint and exit after this step (to fit a job time limit; continue with --resume)")
-
 
 @dataclass
 class RunState:
@@ -184,14 +96,14 @@ def check(args) -> RunState:
     state.config = resolve_batch(args, raw_config, state.replicas)
     check_resume_batch(args, state.config, state.replicas, state.world)
     state.precision = dsc.precision(state.config)
-    support.check_zero_support(stage, state.precision, dsc.offload_param_device(raw_config), cli=True,
-                               four_bit=args.quantization == "nf4")
+    check_zero_support(stage, state.precision, dsc.offload_param_device(raw_config), cli=True,
+                       four_bit=args.quantization == "nf4")
     if args.quantization == "nf4":  # 4-bit: refuse what cannot work before anything is loaded
         try:
-            quant.check_4bit_request(state.config, compute_dtype=state.dtype)
-        except quant.QuantizationError as e:
+            check_4bit_request(state.config, compute_dtype=state.dtype)
+        except QuantizationError as e:
             raise UsageError(str(e)) from e
-    state.name = models.resolve_builtin(args.model_name_or_path)
+    state.name = resolve_builtin(args.model_name_or_path)
     return state
 
 
@@ -230,7 +142,7 @@ def connect(state: RunState):
         check_tensor_parallel(state.tp, state.world)
         state.config = resolve_batch(state.args, state.raw_config, state.replicas)
         check_resume_batch(state.args, state.config, state.replicas, state.world)
-    ranks.check_shared_folder(state.args.output_dir, dsc.node_local_storage(state.raw_config), UsageError)
+    check_shared_folder(state.args.output_dir, dsc.node_local_storage(state.raw_config), UsageError)
     # on every process, whatever its own cache showed before connecting: the conversion's barrier must pair up
     path = models.model_path(state.name, state.rank, barrier=dist.barrier)
     if state.examples is None:
@@ -250,9 +162,8 @@ def build(state: RunState):
         raise UsageError(str(e)) from e
     beamlora_ds.prepare_tensor_parallel(model, state.config)  # nothing without tensor_parallel.autotp_size
     state.engine, state.config = initialize_engine(
-        model, state.beam.modules, state.config, world_size=state.replicas, learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay, lr_scheduler_type=args.lr_scheduler_type, total_steps=state.total_steps,
-        warmup_steps=state.warmup)
+        model, state.beam.modules, state.config, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        lr_scheduler_type=args.lr_scheduler_type, total_steps=state.total_steps, warmup_steps=state.warmup)
     if state.rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "run_args.json"), "w") as f:
@@ -274,7 +185,7 @@ def announce(state: RunState):
                 f" (tensor parallel {state.tp} x data parallel {state.replicas})" if state.tp > 1 else "",
                 len(beam.modules), args.lora_r, f"{trainable:,}", len(state.examples), total, state.per_epoch,
                 state.micro, state.accum,
-                [t for t in range(1, total + 1) if beamlora_ds.beam.is_reset_step(t, args.interval, total)])
+                [t for t in range(1, total + 1) if is_reset_step(t, args.interval, total)])
     if args.eval_samples and args.dataset is None:
         state.eval_rows = data_lib.arithmetic_examples(args.eval_samples, seed=args.seed + 1)
     state.log = RunLog(args.output_dir, state.rank, total, state.start_step)
@@ -292,7 +203,7 @@ def evaluate(state: RunState, label: str) -> Optional[float]:
     score = exact_match(engine.module, state.tokenizer, state.eval_rows, state.args.prompt_template,
                         rank=state.replica, world_size=state.replicas, synced_gpus=state.stage == 3,
                         all_reduce=lambda t: all_reduce_to_cpu(state.dist, t, engine.device),
-                        logits_processors=beamlora_ds.autotp.vocab_gathering_processors(engine.module))
+                        logits_processors=vocab_gathering_processors(engine.module))
     state.log.write({"type": "eval", "when": label, "step": state.beam.global_step, "exact_match": score},
                     f"exact match {label} training: {score:.1%} ({len(state.eval_rows)} held-out questions)")
     return score
@@ -364,7 +275,7 @@ def finish(state: RunState):
 def run(argv=None):
     """check -> read the data and the architecture (now, unless the model must first be converted) -> connect
     the processes -> build -> train -> finish."""
-    args = fill_defaults(parse_args(argv), BUILTIN_DEFAULTS, PAPER_DEFAULTS)
+    args = fill_defaults(parse_args(argv, __doc__))
     configure_logging()  # process 0 speaks; DeepSpeed's and the controller's chatter stays below warnings
     state = check(args)
     path = models.ready_path(state.name)
@@ -380,7 +291,7 @@ def run(argv=None):
 
 
 # what main() reports as one "error:" line with exit code 2: the user's input, not a bug
-REFUSALS = (UsageError, dsc.DSConfigError, data_lib.DataError, beamlora_ds.ConfigError, support.UnsupportedSetupError,
+REFUSALS = (UsageError, dsc.DSConfigError, data_lib.DataError, beamlora_ds.ConfigError, UnsupportedSetupError,
             processes.LaunchEnvironmentError, CheckpointDamagedError)
 
 

@@ -15,7 +15,7 @@ def _remove_deepspeed_shm_buffers():
     what a process started some other way left (buffers no live process maps, made during the session)."""
     start = time.time() - 1
     yield
-    from beamlora_ds.testing import remove_shm_buffers
+    from beamlora_ds.testing.launcher import remove_shm_buffers
 
     remove_shm_buffers(since=start)
 

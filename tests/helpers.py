@@ -6,6 +6,8 @@ import os
 import torch
 from torch import nn
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+
 
 def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32, vocab: int = 64):
     """A real transformers LlamaForCausalLM, small enough to train in a second on a CPU."""
@@ -65,3 +67,25 @@ def flip_middle_byte(path) -> None:
 def truncate_last_byte(path) -> None:
     """A cut-short copy: the file one byte shorter."""
     os.truncate(path, os.path.getsize(path) - 1)
+
+
+def make_run(seed=0, **overrides):
+    """TwoLayerNet with BeamLoRA (interval 8, 40 steps) and its AdamW: (model, controller, optimizer)."""
+    from beamlora_ds import BeamLoRAConfig, apply, optimizer_param_groups
+
+    torch.manual_seed(seed)
+    model = TwoLayerNet()
+    settings = dict(r=8, alpha=16.0, dropout=0.0, tau=0.05, interval=8, total_steps=40, p0=0.5, seed=seed)
+    settings.update(overrides)
+    beam = apply(model, BeamLoRAConfig(**settings))
+    opt = torch.optim.AdamW(optimizer_param_groups(model, weight_decay=0.01), lr=2e-2)
+    return model, beam, opt
+
+
+def train_step(model, opt, batch):
+    x, y = batch
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()

@@ -13,8 +13,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import beamlora_ds  # noqa: E402
-from beamlora_ds import data as data_lib, models  # noqa: E402
-from beamlora_ds.hf import attach  # noqa: E402
+from beamlora_ds.loading import builtin, models  # noqa: E402
+from beamlora_ds.train import data as data_lib  # noqa: E402
+from beamlora_ds.integrations.hf_trainer import attach  # noqa: E402
 
 
 def train(out: str, stop_at: int = 0, resume: bool = False, ds_stage: int = -1, weight_decay: float = 0.1,
@@ -23,10 +24,10 @@ def train(out: str, stop_at: int = 0, resume: bool = False, ds_stage: int = -1, 
     weight decay the Trainer's real optimizer applies to each adapter tensor (plain torch optimizer only)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    tokenizer = models.char_tokenizer()
+    tokenizer = builtin.char_tokenizer()
     rows = data_lib.arithmetic_examples(256, seed=0)
     examples = data_lib.tokenize_examples(rows, tokenizer, max_length=64)
-    model = models.load_model(models.BUILTIN_TINY, torch.float32, {})
+    model = models.load_model(builtin.BUILTIN_TINY, torch.float32, {})
     torch.manual_seed(0)
     beam = beamlora_ds.apply(model, beamlora_ds.BeamLoRAConfig(r=4, alpha=8.0, dropout=0.05, interval=4,
                                                                total_steps=12, p0=0.7))

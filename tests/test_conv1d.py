@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from beamlora_ds import BeamLoRAConfig, BeamLoRALinear, apply, find_beamlora_modules, optimizer_param_groups
-from beamlora_ds.export import save_adapter
-from beamlora_ds.merge import merge_adapter
+from beamlora_ds.export.live import save_adapter
+from beamlora_ds.export.merge import merge_adapter
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import peft
+import transformers
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -206,8 +206,8 @@ def test_a_reset_on_gpt2_refills_pruned_slots_from_the_snapshot():
 def test_recommended_targets_are_every_projection_of_each_architecture():
     """The table in targets.py against the installed transformers: built on the meta device from each
     architecture's default config, the wrappable layers (besides lm_head) are exactly the recommended names."""
-    from beamlora_ds.layer import is_wrappable
-    from beamlora_ds.targets import RECOMMENDED_TARGETS
+    from beamlora_ds.method.layer import is_wrappable
+    from beamlora_ds.method.targets import RECOMMENDED_TARGETS
 
     for model_type, names in RECOMMENDED_TARGETS.items():
         config = transformers.AutoConfig.for_model(model_type)
@@ -228,7 +228,7 @@ def test_beamlora_export_of_a_gpt2_checkpoint_says_fan_in_fan_out(tmp_path):
     base named in the run's run_args.json, and stock peft loads it with the model's logits. The checkpoint folder
     is written here in DeepSpeed's ZeRO-0 layout (model states + our controller state); real DeepSpeed checkpoints
     are exported in tests/distributed/test_export_zero.py."""
-    from beamlora_ds.checkpoint_export import CONTROLLER_STATE_FILE, export_checkpoint
+    from beamlora_ds.export.from_checkpoint import CONTROLLER_STATE_FILE, export_checkpoint
 
     run = tmp_path / "run"
     tiny_gpt2().save_pretrained(run / "base")
@@ -257,7 +257,7 @@ def test_docs_list_the_recommended_targets_of_the_code():
     """docs/architectures.md shows the table of targets.py, row for row."""
     import re
 
-    from beamlora_ds.targets import RECOMMENDED_TARGETS
+    from beamlora_ds.method.targets import RECOMMENDED_TARGETS
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "architectures.md")
     with open(path) as f:

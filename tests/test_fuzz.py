@@ -1,4 +1,4 @@
-"""Property-based fuzzing of BeamLoRAConfig.validate() and the pure algorithm in beam.py (issue 8).
+"""Property-based fuzzing of BeamLoRAConfig.validate() and the pure algorithm in algorithm.py (issue 8).
 
 The oracles are the spec (docs/method.md sections 2-4) and the labels the strategies attach to what they
 generate; expected values are computed here in plain Python (exact Fractions, math), not by the code under
@@ -13,7 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from beamlora_ds import BeamLoRAConfig, ConfigError, beam
+from beamlora_ds import BeamLoRAConfig, ConfigError
+from beamlora_ds.method import algorithm
 
 FUZZ = settings(deadline=None, max_examples=200, derandomize=True, database=None)
 FUZZ_CONFIG = settings(deadline=None, max_examples=300, derandomize=True, database=None)
@@ -180,10 +181,10 @@ def test_valid_config_round_trips_and_has_a_reset(cfg):
     if not isinstance(cfg.target_modules, tuple):  # to_dict writes a tuple as a list
         assert again == cfg
     T = cfg.interval
-    assert beam.is_reset_step(T, T, cfg.total_steps)
-    assert beam.is_snapshot_step(T - T // 2, T, cfg.total_steps) and 1 <= T - T // 2 < T
+    assert algorithm.is_reset_step(T, T, cfg.total_steps)
+    assert algorithm.is_snapshot_step(T - T // 2, T, cfg.total_steps) and 1 <= T - T // 2 < T
     assert cfg.resolved_t_end >= 1
-    keep = beam.keep_fraction(T, cfg.p0, cfg.resolved_t_end)
+    keep = algorithm.keep_fraction(T, cfg.p0, cfg.resolved_t_end)
     assert cfg.p0 - 1e-12 <= keep <= 1.0
 
 
@@ -195,19 +196,19 @@ def test_keep_fraction_rises_from_p0_to_one(p0, t_end, a, b):
     """p(t) is non-decreasing in t (fewer ranks pruned as training goes on), in [p0, 1] and > 0, equal to p0
     at t = 1 and exactly 1 from t = T_end + 1 on (cos(pi) = -1)."""
     a, b = sorted((a, b))
-    pa, pb = beam.keep_fraction(a, p0, t_end), beam.keep_fraction(b, p0, t_end)
+    pa, pb = algorithm.keep_fraction(a, p0, t_end), algorithm.keep_fraction(b, p0, t_end)
     assert pa <= pb
     assert 0 < pa and p0 - 1e-12 <= pa <= 1.0
-    assert math.isclose(beam.keep_fraction(1, p0, t_end), p0, rel_tol=0, abs_tol=1e-12)
-    assert beam.keep_fraction(t_end + 1 + a, p0, t_end) == 1.0
+    assert math.isclose(algorithm.keep_fraction(1, p0, t_end), p0, rel_tol=0, abs_tol=1e-12)
+    assert algorithm.keep_fraction(t_end + 1 + a, p0, t_end) == 1.0
 
 
 def test_keep_fraction_hand_values():
     """Hand-computed from p(t) = 1 - (1 - p0)(1 + cos(pi min(t-1, T_end) / T_end)) / 2."""
-    assert math.isclose(beam.keep_fraction(6, 0.8, 10), 0.9)  # halfway: cos(pi/2) = 0
-    assert math.isclose(beam.keep_fraction(2, 0.8, 3), 0.85)  # cos(pi/3) = 1/2: 1 - 0.2 * 0.75
-    assert math.isclose(beam.keep_fraction(3, 0.6, 3), 0.9)  # cos(2pi/3) = -1/2: 1 - 0.4 * 0.25
-    assert beam.keep_fraction(4, 0.6, 3) == 1.0
+    assert math.isclose(algorithm.keep_fraction(6, 0.8, 10), 0.9)  # halfway: cos(pi/2) = 0
+    assert math.isclose(algorithm.keep_fraction(2, 0.8, 3), 0.85)  # cos(pi/3) = 1/2: 1 - 0.2 * 0.75
+    assert math.isclose(algorithm.keep_fraction(3, 0.6, 3), 0.9)  # cos(2pi/3) = -1/2: 1 - 0.4 * 0.25
+    assert algorithm.keep_fraction(4, 0.6, 3) == 1.0
 
 
 @FUZZ
@@ -215,8 +216,8 @@ def test_keep_fraction_hand_values():
 def test_reset_and_snapshot_steps_follow_the_spec(interval, total):
     """Resets at kT for k >= 1 while T steps remain (k <= total // T - 1); snapshots at kT - T//2."""
     steps = range(1, total + interval + 1)
-    resets = [t for t in steps if beam.is_reset_step(t, interval, total)]
-    snapshots = [t for t in steps if beam.is_snapshot_step(t, interval, total)]
+    resets = [t for t in steps if algorithm.is_reset_step(t, interval, total)]
+    snapshots = [t for t in steps if algorithm.is_snapshot_step(t, interval, total)]
     assert resets == [k * interval for k in range(1, total // interval)]
     assert snapshots == [t - interval // 2 for t in resets]
     assert all(1 <= s < t for s, t in zip(snapshots, resets))
@@ -230,7 +231,7 @@ def test_reset_and_snapshot_steps_follow_the_spec(interval, total):
 def test_score_importance_is_a_weighting_that_sums_to_r(rows, tau):
     """I = r softmax(s / tau): same shape, non-negative, each row sums to r, order-preserving in s."""
     logits = torch.tensor(rows)
-    imp = beam.score_importance(logits, tau)
+    imp = algorithm.score_importance(logits, tau)
     n, r = logits.shape
     assert imp.shape == (n, r) and bool(torch.isfinite(imp).all()) and bool((imp >= 0).all())
     assert torch.allclose(imp.double().sum(dim=1), torch.full((n,), float(r), dtype=torch.float64), rtol=1e-5)
@@ -253,7 +254,7 @@ def test_norm_importance_matches_products_of_norms(shape, data):
     n, r = shape
     a = data.draw(st.lists(st.lists(SQ, min_size=r, max_size=r), min_size=n, max_size=n))
     b = data.draw(st.lists(st.lists(SQ, min_size=r, max_size=r), min_size=n, max_size=n))
-    imp = beam.norm_importance(torch.tensor(a), torch.tensor(b))
+    imp = algorithm.norm_importance(torch.tensor(a), torch.tensor(b))
     assert imp.shape == (n, r)
     for m in range(n):
         raw = [math.sqrt(a[m][i]) * math.sqrt(b[m][i]) for i in range(r)]
@@ -274,7 +275,7 @@ def test_non_finite_inputs_never_give_a_silent_plan(shape, data, bad, tau):
     logits = torch.tensor(data.draw(st.lists(st.lists(st.floats(-5, 5, width=32), min_size=r, max_size=r),
                                              min_size=n, max_size=n)))
     logits[m, i] = bad
-    imp = beam.score_importance(logits, tau)
+    imp = algorithm.score_importance(logits, tau)
     finite_rows = torch.isfinite(imp).all(dim=1)
     if bad == -INF and r > 1:
         assert bool(finite_rows.all()) and imp[m, i] == 0
@@ -282,21 +283,21 @@ def test_non_finite_inputs_never_give_a_silent_plan(shape, data, bad, tau):
     else:
         assert not bool(finite_rows[m])
         with pytest.raises(ValueError, match="finite"):
-            beam.plan_reset(imp, 0.9, 0, 10)
+            algorithm.plan_reset(imp, 0.9, 0, 10)
 
     if bad != -INF:  # a sum of squares is >= 0: NaN and +inf are the ways it goes wrong
         a_sq, b_sq = logits.abs() ** 2, torch.ones(n, r)
         a_sq[m, i] = bad
-        norm = beam.norm_importance(a_sq, b_sq)
+        norm = algorithm.norm_importance(a_sq, b_sq)
         assert not bool(torch.isfinite(norm[m]).all())  # not silently uniform
         with pytest.raises(ValueError, match="finite"):
-            beam.plan_reset(norm, 0.9, 0, 10)
+            algorithm.plan_reset(norm, 0.9, 0, 10)
 
 
 @pytest.mark.parametrize("keep", [NAN, INF, -INF])
 def test_non_finite_keep_is_refused(keep):
     with pytest.raises(ValueError, match="finite"):
-        beam.plan_reset(torch.ones(2, 4), keep, 0, 10)
+        algorithm.plan_reset(torch.ones(2, 4), keep, 0, 10)
 
 
 # -------------------------------------------------------------------------------------------- selection
@@ -325,7 +326,7 @@ def importance_cases(draw):
         rows = [row(st.floats(0, 100, width=32)) for _ in range(n)]
     else:
         logits = torch.tensor([row(st.floats(-1, 1, width=32)) for _ in range(n)])
-        return beam.score_importance(logits, draw(st.sampled_from([0.03, 0.05, 0.5]))), False
+        return algorithm.score_importance(logits, draw(st.sampled_from([0.03, 0.05, 0.5]))), False
     return torch.tensor(rows, dtype=torch.float32), kind not in ("float",)
 
 
@@ -377,7 +378,7 @@ def test_plan_reset_invariants(case, data, seed, step):
     values = importance.tolist()
     n, r = importance.shape
     keep = data.draw(st.one_of(boundary_keeps(values), KEEP), label="keep")
-    plans = beam.plan_reset(importance, keep, seed, step)
+    plans = algorithm.plan_reset(importance, keep, seed, step)
     pruned = {(p.module_index, j) for p in plans for j in p.targets}
 
     assert [p.module_index for p in plans] == sorted({p.module_index for p in plans})
@@ -400,15 +401,15 @@ def test_plan_reset_invariants(case, data, seed, step):
     if exact:
         assert pruned == spec_pruned(values, keep)
 
-    assert beam.plan_reset(importance.clone(), keep, seed, step) == plans
-    other = beam.plan_reset(importance, keep, seed + 1, step)  # the seed only reshuffles the pairing
+    assert algorithm.plan_reset(importance.clone(), keep, seed, step) == plans
+    other = algorithm.plan_reset(importance, keep, seed + 1, step)  # the seed only reshuffles the pairing
     assert [(p.module_index, p.targets, sorted(p.sources)) for p in other] == \
            [(p.module_index, p.targets, sorted(p.sources)) for p in plans]
 
 
 def test_a_module_with_every_rank_pruned_has_no_source():
     with pytest.raises(ValueError, match="no source"):
-        beam.pair_targets_with_sources(torch.ones(3), torch.ones(3, dtype=torch.bool), beam.reset_generator(0, 1, 0))
+        algorithm.pair_targets_with_sources(torch.ones(3), torch.ones(3, dtype=torch.bool), algorithm.reset_generator(0, 1, 0))
 
 
 # --------------------------------------------------------------------------------------- score averaging
@@ -431,7 +432,7 @@ def test_average_scores_follows_the_spec(case, tau):
     sums to r."""
     logits, targets, sources = case
     before = torch.tensor(logits)
-    out = beam.average_scores(before, targets, sources)
+    out = algorithm.average_scores(before, targets, sources)
     assert out.shape == before.shape and out.dtype == before.dtype
     assert before.tolist() == logits
 
@@ -450,5 +451,5 @@ def test_average_scores_follows_the_spec(case, tau):
         assert all(lo <= out[i] <= hi for i in touched)
     if len(set(sources)) == len(sources):  # independent pairs: each target ends equal to its source
         assert all(out[j] == out[s] for j, s in zip(targets, sources))
-    imp = beam.score_importance(out[None], tau)
+    imp = algorithm.score_importance(out[None], tau)
     assert math.isclose(float(imp.double().sum()), len(logits), rel_tol=1e-5)

@@ -1,5 +1,7 @@
-"""The house rules of docs/architecture.md, checked on the source: small files and functions, no private-name imports
-across modules, the seam respected, and every document a comment cites shipped in the repository."""
+"""The house rules of docs/architecture.md, checked on the source: the folders are the layers and import only the
+layers below them, no import cycle, no private name used across modules, every third-party internal in its one named
+place, the method free of any platform, small files and functions, every document a comment cites shipped. Each
+rule is also run on planted violations, so a rule that could not fail would show here."""
 import ast
 import os
 import re
@@ -7,73 +9,282 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGE = os.path.join(ROOT, "beamlora_ds")
+PACKAGE = "beamlora_ds"
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
-
-def _package_files():
-    return sorted(os.path.join(PACKAGE, f) for f in os.listdir(PACKAGE) if f.endswith(".py"))
-
-
-def _checked_files():
-    """The library and the main entry point (the rules of issue 12 cover both)."""
-    return _package_files() + [os.path.join(ROOT, "launch", "train.py")]
-
-
-def _rel(path):
-    return os.path.relpath(path, ROOT)
-
-
-def _tree(path):
-    with open(path) as f:
-        return ast.parse(f.read(), filename=path)
-
-
-@pytest.mark.parametrize("path", _checked_files(), ids=_rel)
-def test_files_are_small(path):
-    with open(path) as f:
-        lines = len(f.readlines())
-    assert lines <= MAX_FILE_LINES, f"{_rel(path)} has {lines} lines; split it by job (limit {MAX_FILE_LINES})"
-
-
-@pytest.mark.parametrize("path", _checked_files(), ids=_rel)
-def test_functions_are_short(path):
-    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines, line {node.lineno})"
-            for node in ast.walk(_tree(path)) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
-    assert not long, f"{_rel(path)}: functions over {MAX_FUNCTION_LINES} lines: {long}"
+# Each layer (a folder of beamlora_ds/, or a top-level module) and the layers it may import besides itself: who imports
+# whom goes one way, method <- backends <- the rest, as docs/architecture.md draws it. testing/ is the floor
+# (standard library only): its crash points may be called from anywhere.
+LAYERS = {
+    "testing": set(),
+    "method": {"testing"},
+    "backends": {"method", "testing"},
+    "loading": {"backends", "method", "testing"},
+    "checkpointing": {"backends", "method", "testing"},
+    "telemetry": {"backends"},
+    "export": {"checkpointing", "loading", "backends", "method", "testing"},
+    "integrations": {"export", "checkpointing", "backends", "method"},
+    "train": {"loading", "checkpointing", "telemetry", "backends", "method", "testing"},
+    "adapt": {"backends", "method"},
+}
+# What the method may import from outside the standard library: torch, but no process group and no platform.
+METHOD_FORBIDDEN = ("torch.distributed", "deepspeed", "transformers", "bitsandbytes", "peft", "megatron", "accelerate")
+# Third-party private names (and patched methods) live in one named place each (docs/platform.md lists them).
+INTERNALS = {
+    "beamlora_ds/backends/deepspeed/internals.py": "DeepSpeed",
+    "beamlora_ds/loading/cpu_repacking.py": "bitsandbytes",
+    "beamlora_ds/integrations/hf_trainer.py": "transformers.Trainer",
+}
+# Private attribute names any module may use: our own markers on other libraries' objects, and torch's in-place
+# write counter (a Tensor attribute autograd itself relies on; method/score_table.py reads it).
+ALLOWED_PRIVATE = re.compile(r"^_beamlora_\w+$|^_version$")
 
 
-def _private_imports(path):
-    """`from x import _name` where x is one of our modules (importing a module's private name couples to its
-    internals); names from third-party packages are outside this rule."""
+# ---------------------------------------------------------------------------------------------- the source
+def read_sources(root=ROOT):
+    """{relative path: source} of the package and launch/train.py."""
+    sources = {}
+    for folder, _, names in os.walk(os.path.join(root, PACKAGE)):
+        for name in names:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path) as f:
+                    sources[os.path.relpath(path, root).replace(os.sep, "/")] = f.read()
+    with open(os.path.join(root, "launch", "train.py")) as f:
+        sources["launch/train.py"] = f.read()
+    return sources
+
+
+def module_of(path):
+    """beamlora_ds/backends/torch_access.py -> beamlora_ds.backends.torch_access (a package's __init__: itself)."""
+    name = path[:-3].replace("/", ".")
+    return name[: -len(".__init__")] if name.endswith(".__init__") else name
+
+
+def layer_of(module):
+    """The layer a module of ours belongs to (None for the package's __init__)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def imports(path, source, ours):
+    """(line, imported module, imported name or None, the name it is bound to, is ours) for every import in the
+    file, function-level included; `from pkg import sub` imports the submodule pkg.sub when it is one of `ours`."""
+    package = module_of(path) if path.endswith("__init__.py") else module_of(path).rpartition(".")[0]
     found = []
-    for node in ast.walk(_tree(path)):
-        if isinstance(node, ast.ImportFrom):
-            ours = node.level > 0 or (node.module or "").startswith("beamlora_ds")
-            found += [f"from {'.' * node.level}{node.module or ''} import {a.name}" for a in node.names
-                      if ours and a.name.startswith("_") and not a.name.startswith("__")]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name, None, a.asname or a.name.split(".")[0]) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - (node.level - 1)] + ([base] if base else []))
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                found.append((node.lineno, sub if sub in ours else base, None if sub in ours else a.name,
+                              a.asname or a.name))
+    return [(line, target, name, bound, target == PACKAGE or target.startswith(PACKAGE + "."))
+            for line, target, name, bound in found]
+
+
+# ---------------------------------------------------------------------------------------------- the rules
+def layer_violations(sources):
+    ours = {module_of(p) for p in sources if p.startswith(PACKAGE)}
+    found = []
+    for path, source in sources.items():
+        if not path.startswith(PACKAGE + "/") or path == f"{PACKAGE}/__init__.py":
+            continue
+        layer = layer_of(module_of(path))
+        for line, target, _, _, is_ours in imports(path, source, ours):
+            if not is_ours:
+                continue
+            other = layer_of(target)
+            if other is None or (other != layer and other not in LAYERS.get(layer, set())):
+                found.append(f"{path}:{line}: {layer}/ imports {target} ({other or 'the public API'}), which "
+                             f"it may not (it may import {sorted(LAYERS.get(layer, set()))})")
     return found
 
 
-@pytest.mark.parametrize("path", _checked_files(), ids=_rel)
-def test_no_private_imports_across_modules(path):
-    assert not _private_imports(path), f"{_rel(path)}: {_private_imports(path)}"
+def import_cycles(sources):
+    """Groups of our modules that import each other, directly or around a loop (Tarjan's algorithm)."""
+    ours = {module_of(p) for p in sources if p.startswith(PACKAGE)}
+    graph = {module_of(p): {t for _, t, _, _, is_ours in imports(p, s, ours) if is_ours and t != module_of(p)}
+             for p, s in sources.items() if p.startswith(PACKAGE)}
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                group.append(top)
+                if top == node:
+                    break
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
 
 
-@pytest.mark.parametrize("name", ["beam.py", "layer.py", "config.py", "score_table.py"])
-def test_pure_modules_do_not_import_deepspeed(name):
-    """The algorithm stays pure torch; DeepSpeed lives behind the seam (docs/architecture.md)."""
-    imported = set()
-    for node in ast.walk(_tree(os.path.join(PACKAGE, name))):
-        if isinstance(node, ast.Import):
-            imported |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert "deepspeed" not in imported and "torch.distributed" not in imported
+def private_names_across_modules(sources):
+    """`from <ours> import _name`, and `<one of our modules>._name`, anywhere (function-level included)."""
+    ours = {module_of(p) for p in sources if p.startswith(PACKAGE)}
+    found = []
+    for path, source in sources.items():
+        modules = set()  # names this file binds to one of our modules
+        for line, target, name, bound, is_ours in imports(path, source, ours):
+            if not is_ours:
+                continue
+            if name is None:
+                modules.add(bound)
+            elif name.startswith("_") and not name.startswith("__"):
+                found.append(f"{path}:{line}: imports the private name {name} from {target}")
+        for node in ast.walk(ast.parse(source)):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                found.append(f"{path}:{node.lineno}: uses {node.value.id}.{node.attr}, a private name of another "
+                             "module")
+    return found
 
 
+def third_party_internals(sources):
+    """Private names of other libraries (imported, read as attributes, or named in getattr/hasattr/setattr) outside
+    the one place INTERNALS names for them."""
+    found = []
+    for path, source in sources.items():
+        if path in INTERNALS:
+            continue
+        for node in ast.walk(ast.parse(source)):
+            names = []
+            if isinstance(node, ast.ImportFrom) and not node.level and not (node.module or "").startswith(PACKAGE):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.Attribute) and not (isinstance(node.value, ast.Name)
+                                                          and node.value.id in ("self", "cls")):
+                names = [node.attr]
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                  and node.func.id in ("getattr", "hasattr", "setattr") and len(node.args) > 1
+                  and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+                names = [node.args[1].value]
+            for name in names:
+                if name.startswith("_") and not name.startswith("__") and not ALLOWED_PRIVATE.match(name):
+                    found.append(f"{path}:{node.lineno}: relies on the private name {name}; third-party internals "
+                                 f"live in {sorted(INTERNALS)}")
+    return found
+
+
+def platform_imports_in_the_method(sources):
+    found = []
+    for path, source in sources.items():
+        if not path.startswith(f"{PACKAGE}/method/"):
+            continue
+        for node in ast.walk(ast.parse(source)):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                if any(name == f or name.startswith(f + ".") for f in METHOD_FORBIDDEN):
+                    found.append(f"{path}:{node.lineno}: the method imports {name}")
+    return found
+
+
+def oversized(sources):
+    found = []
+    for path, source in sources.items():
+        lines = len(source.splitlines())
+        if lines > MAX_FILE_LINES:
+            found.append(f"{path} has {lines} lines; split it by job (limit {MAX_FILE_LINES})")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{path}: {node.name} has {length} lines (limit {MAX_FUNCTION_LINES})")
+    return found
+
+
+RULES = (layer_violations, import_cycles, private_names_across_modules, third_party_internals,
+         platform_imports_in_the_method, oversized)
+
+
+# ---------------------------------------------------------------------------------------------- the tree
+@pytest.fixture(scope="module")
+def sources():
+    return read_sources()
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda rule: rule.__name__)
+def test_the_tree_keeps_the_rule(sources, rule):
+    assert not rule(sources)
+
+
+def test_the_folders_are_the_layers_of_the_architecture():
+    """`ls beamlora_ds/` shows the layers docs/architecture.md describes, one to one, and every layer's folder
+    is explained there."""
+    entries = {e[:-3] if e.endswith(".py") else e for e in os.listdir(os.path.join(ROOT, PACKAGE))
+               if not e.startswith((".", "__pycache__"))}
+    assert entries == set(LAYERS) | {"__init__"}
+    with open(os.path.join(ROOT, "docs", "architecture.md")) as f:
+        architecture = f.read()
+    for layer in LAYERS:
+        shown = f"`{layer}/`" if os.path.isdir(os.path.join(ROOT, PACKAGE, layer)) else f"`{layer}.py`"
+        assert shown in architecture, f"docs/architecture.md does not describe {shown}"
+
+
+# ---------------------------------------------------------------------------------------------- planted violations
+PLANTED = {
+    "beamlora_ds/__init__.py": "",
+    "beamlora_ds/method/__init__.py": "",
+    "beamlora_ds/method/layer.py": ("import torch.distributed as dist\nfrom ..backends import wrappers\n"
+                                    "from .algorithm import _helper\n"),
+    "beamlora_ds/method/algorithm.py": "def _helper():\n    from . import layer\n    return layer._private\n",
+    "beamlora_ds/backends/__init__.py": "",
+    "beamlora_ds/backends/wrappers.py": ("def f(param):\n    from deepspeed.runtime import _private_fn\n"
+                                         "    return getattr(param, '_hp_mapping', None) or param._z3_optimizer\n"),
+    "beamlora_ds/backends/deepspeed/__init__.py": "",
+    "beamlora_ds/backends/deepspeed/internals.py": "def f(param):\n    return param._hp_mapping\n",
+    "beamlora_ds/export/__init__.py": "",
+    "beamlora_ds/export/live.py": "def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES + "    return x\n",
+    "launch/train.py": "",
+}
+
+
+@pytest.mark.parametrize("rule, expected", [
+    (layer_violations, ["method/layer.py:2: method/ imports beamlora_ds.backends.wrappers"]),
+    (import_cycles, [["beamlora_ds.method.algorithm", "beamlora_ds.method.layer"]]),
+    (private_names_across_modules, ["method/layer.py:3: imports the private name _helper",
+                                    "method/algorithm.py:3: uses layer._private"]),
+    (third_party_internals, ["backends/wrappers.py:2: relies on the private name _private_fn",
+                             "backends/wrappers.py:3: relies on the private name _hp_mapping",
+                             "backends/wrappers.py:3: relies on the private name _z3_optimizer"]),
+    (platform_imports_in_the_method, ["method/layer.py:1: the method imports torch.distributed"]),
+    (oversized, ["export/live.py: f has 62 lines"]),
+])
+def test_each_rule_finds_a_planted_violation(rule, expected):
+    """The checks themselves: each finds what was planted, and nothing in the one internals file that is allowed
+    its private names."""
+    found = rule(PLANTED)
+    for item in expected:
+        assert any(item == f or (isinstance(item, str) and item in f) for f in found), (item, found)
+    assert not any(str(f).startswith("beamlora_ds/backends/deepspeed/internals.py") for f in found)
+
+
+# ---------------------------------------------------------------------------------------------- documents
 CITATION = re.compile(r"\b((?:docs/)?[A-Za-z_]+\.md)\b")
 SOURCE_DIRS = ("beamlora_ds", "launch", "tests", "benchmarks", "examples", "scripts", "ds_configs", ".ci")
 
@@ -97,7 +308,7 @@ def test_cited_documents_exist():
         for cited in CITATION.findall(text):
             target = cited if cited.startswith("docs/") else os.path.join("docs", cited)
             if cited != "README.md" and not os.path.isfile(os.path.join(ROOT, target)):
-                missing.add(f"{_rel(path)} cites {cited}")
+                missing.add(f"{os.path.relpath(path, ROOT)} cites {cited}")
         if "../shared" in text:
-            missing.add(f"{_rel(path)} refers to ../shared")
+            missing.add(f"{os.path.relpath(path, ROOT)} refers to ../shared")
     assert not missing, sorted(missing)

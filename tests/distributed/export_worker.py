@@ -17,7 +17,7 @@ from helpers import tiny_llama  # noqa: E402
 
 import beamlora_ds  # noqa: E402
 from beamlora_ds import BeamLoRAConfig, optimizer_param_groups  # noqa: E402
-from beamlora_ds.export import save_adapter  # noqa: E402
+from beamlora_ds.export.live import save_adapter  # noqa: E402
 
 STEPS, MICRO_BATCH, SEQ = 8, 2, 8
 

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import deepspeed  # noqa: E402
 
 import beamlora_ds  # noqa: E402
-from beamlora_ds import models  # noqa: E402
+from beamlora_ds.loading import builtin, models  # noqa: E402
 
 CONFIG = dict(r=4, alpha=8.0, total_steps=8, interval=4, dropout=0.0)
 
@@ -30,7 +30,7 @@ def ds_config(stage):
 
 def fresh():
     torch.manual_seed(0)
-    return models.load_model(models.BUILTIN_TINY, torch.float32, {})
+    return models.load_model(builtin.BUILTIN_TINY, torch.float32, {})
 
 
 def engine_step(engine):

@@ -13,8 +13,6 @@ import pytest
 
 from beamlora_ds import testing
 
-pytest.importorskip("deepspeed")
-pytest.importorskip("peft")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = {"lora", "frozen", "beamlora"}
 

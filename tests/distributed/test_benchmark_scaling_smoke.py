@@ -4,11 +4,8 @@ import json
 import os
 import sys
 
-import pytest
-
 from beamlora_ds import testing
 
-pytest.importorskip("deepspeed")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -2,11 +2,8 @@
 import json
 import os
 
-import pytest
-
 from beamlora_ds import testing
 
-pytest.importorskip("deepspeed")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

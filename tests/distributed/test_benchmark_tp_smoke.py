@@ -14,7 +14,6 @@ import pytest
 
 from beamlora_ds import testing
 
-pytest.importorskip("deepspeed")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LINEAR_LAYER = "deepspeed.module_inject.layers.LinearLayer"
 

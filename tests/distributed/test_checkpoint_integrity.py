@@ -12,7 +12,8 @@ import shutil
 import pytest
 import torch
 
-from beamlora_ds import checkpoint, manifest
+import beamlora_ds
+from beamlora_ds.checkpointing import load as checkpoint_load, manifest
 from helpers import flip_middle_byte, truncate_last_byte
 from train_runs import launch_train
 
@@ -49,8 +50,8 @@ def test_failed_write_and_damaged_checkpoints(tmp_path):
             copy = str(tmp_path / f"copy-{damage.__name__}-{name}")
             shutil.copytree(ckpts, copy)
             damage(os.path.join(copy, "global_step2", name))
-            with pytest.raises(checkpoint.CheckpointDamagedError, match=f"{name}.*{word}"):
-                checkpoint.load_checkpoint(None, None, copy)  # no engine: found before anything is loaded
+            with pytest.raises(beamlora_ds.CheckpointDamagedError, match=f"{name}.*{word}"):
+                checkpoint_load.load_checkpoint(None, None, copy)  # no engine: found before anything is loaded
             shutil.rmtree(copy)
 
     resumed = launch_train(run, *RUN, "--resume")

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from beamlora_ds.testing import free_port
+from beamlora_ds.testing.launcher import free_port
 
 
 def _worker(rank, world, port, out_dir):
@@ -19,13 +19,13 @@ def _worker(rank, world, port, out_dir):
 
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from helpers import regression_batches
-        from test_controller import make_run, train_step
+        from helpers import make_run, train_step
 
         lines = []
         handler = logging.Handler()
         handler.emit = lambda record: lines.append(record.getMessage())
-        logging.getLogger("beamlora_ds.controller").addHandler(handler)
-        logging.getLogger("beamlora_ds.controller").setLevel(logging.INFO)
+        logging.getLogger("beamlora_ds.method.controller").addHandler(handler)
+        logging.getLogger("beamlora_ds.method.controller").setLevel(logging.INFO)
         model, beam, opt = make_run(seed=0, interval=4, total_steps=12)
         for batch in regression_batches(9):
             train_step(model, opt, batch)

@@ -31,7 +31,7 @@ def launch(out_dir, nproc, config, *args, env=None):
 
 
 def records(out_dir, kind):
-    from beamlora_ds.telemetry import current_records
+    from beamlora_ds.telemetry.reset_log import current_records
 
     return {r["step"]: r for r in current_records(os.path.join(out_dir, "log.jsonl")) if r["type"] == kind}
 

@@ -13,11 +13,11 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("deepspeed")
-peft = pytest.importorskip("peft")
+import peft
 from safetensors.torch import load_file  # noqa: E402
 
-from beamlora_ds import export_cli, testing  # noqa: E402
+from beamlora_ds import testing  # noqa: E402
+from beamlora_ds.export import cli as export_cli  # noqa: E402
 from helpers import tiny_llama  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_worker.py")
@@ -90,7 +90,7 @@ def test_a_second_save_is_refused_on_every_process_without_hanging(run):
 def test_cli_subprocess_on_the_zero3_checkpoint_writes_the_same_adapter(run):
     out, _ = run
     target = os.path.join(out, "cli3")
-    proc = subprocess.run([sys.executable, "-m", "beamlora_ds.export", os.path.join(out, "ckpt3"), target,
+    proc = subprocess.run([sys.executable, "-m", "beamlora_ds.export.cli", os.path.join(out, "ckpt3"), target,
                            "--base_model", os.path.join(out, "base")],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -5,9 +5,8 @@ state). ZeRO-2 keeps the whole base on every process, the case where a full save
 partitions it."""
 import pytest
 
-from test_hf import check_resume_is_exact
+from trainer_runs import check_resume_is_exact
 
-pytest.importorskip("deepspeed")
 
 
 @pytest.mark.parametrize("stage", [2, 3])

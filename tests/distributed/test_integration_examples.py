@@ -4,12 +4,10 @@ adapter of the run that never stopped) and examples/train_trainer.py; both adapt
 import os
 import sys
 
-import pytest
 import torch
 
 from beamlora_ds import testing
 
-pytest.importorskip("deepspeed")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

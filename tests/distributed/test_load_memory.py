@@ -11,12 +11,8 @@ import os
 import sys
 import time
 
-import pytest
-
 from beamlora_ds import testing
 
-pytest.importorskip("deepspeed")
-pytest.importorskip("bitsandbytes")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 

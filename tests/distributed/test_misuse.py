@@ -8,7 +8,6 @@ import pytest
 
 from beamlora_ds import testing
 
-pytest.importorskip("deepspeed")
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "misuse_worker.py")
 
 

@@ -11,7 +11,6 @@ import pytest
 
 from beamlora_ds import testing
 
-pytest.importorskip("deepspeed")
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -20,8 +20,6 @@ import pytest
 
 from train_runs import launch_train, read_log
 
-pytest.importorskip("deepspeed")
-pytest.importorskip("bitsandbytes")
 ARGS = ["--model_name_or_path", "builtin-tiny", "--quantization", "nf4", "--ds_config", "ds_configs/qlora_zero3.json",
         "--lora_r", "8", "--lora_dropout", "0", "--max_steps", "6", "--interval", "2", "--p0", "0.8",
         "--learning_rate", "3e-3", "--logging_steps", "1", "--eval_samples", "1", "--save_steps", "0",

@@ -16,7 +16,6 @@ import torch
 import tp_worker as worker
 from beamlora_ds import testing
 
-pytest.importorskip("deepspeed")
 TIMEOUT_S = 420
 
 
@@ -96,7 +95,7 @@ def test_tp2_follows_the_unsplit_run(runs, stage):
 def test_offline_export_of_a_tp_checkpoint_consolidates_the_slices(runs, stage):
     """beamlora-export on a checkpoint written under TP=2 (one set of files per slice, ZeRO 0, 1 and 3 layouts):
     the unsplit adapter the live engine's save_adapter gathered, and the peft files write."""
-    from beamlora_ds.checkpoint_export import adapter_state_from_checkpoint, export_checkpoint
+    from beamlora_ds.export.from_checkpoint import adapter_state_from_checkpoint, export_checkpoint
 
     folder = os.path.join(runs["folder"], f"end{stage}")
     state, _ = adapter_state_from_checkpoint(folder)
@@ -144,7 +143,7 @@ def test_launch_train_with_tp2_ends_as_the_one_process_run(tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from beamlora_ds import models
+    from beamlora_ds.loading import builtin, models
     from train_runs import launch_train, read_log
 
     args = ["--model_name_or_path", "builtin-tiny", "--lora_r", "8", "--max_steps", "8", "--interval", "2",
@@ -166,7 +165,7 @@ def test_launch_train_with_tp2_ends_as_the_one_process_run(tmp_path):
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert got[key].shape == value.shape and relative(got[key], value) <= 1e-4, key
-    peft_model = PeftModel.from_pretrained(models.load_model(models.BUILTIN_TINY, torch.float32, {}),
+    peft_model = PeftModel.from_pretrained(models.load_model(builtin.BUILTIN_TINY, torch.float32, {}),
                                            str(tmp_path / "tp" / "adapter"))
     ids = torch.randint(3, 60, (2, 10), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(peft_model(input_ids=ids).logits).all()

@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-from beamlora_ds import models, testing
+from beamlora_ds import testing
+from beamlora_ds.loading import builtin, models
 from train_runs import ROOT, TRAIN, read_log
 
-pytest.importorskip("deepspeed")
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -39,8 +39,8 @@ def test_local_checkpoint_is_partitioned_at_load_under_zero3_and_no_shm_buffer_i
     a 64 MB /dev/shm file per process and run; train.py removes its own: the launch runs inside a shell that lists
     the port's buffers once deepspeed has exited (before testing.run's own clean-up)."""
     model_dir = tmp_path / "model"
-    models.load_model(models.BUILTIN_TINY, torch.float32, {}).save_pretrained(model_dir)
-    models.char_tokenizer().save_pretrained(model_dir)
+    models.load_model(builtin.BUILTIN_TINY, torch.float32, {}).save_pretrained(model_dir)
+    builtin.char_tokenizer().save_pretrained(model_dir)
     out = tmp_path / "out"
     cmd = testing.deepspeed_command(TRAIN, ["--output_dir", out, "--ds_config", "ds_configs/zero3.json",
                                             "--model_name_or_path", model_dir, "--lora_r", "8", "--max_steps", "8",

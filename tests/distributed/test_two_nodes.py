@@ -30,7 +30,6 @@ import torch
 from beamlora_ds import testing
 from train_runs import ROOT, TRAIN
 
-pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 STEPS = 6
 # the tiny built-in model, 6 steps: resets at 2 and 4, checkpoints at 2, 4 and 6; a stuck collective fails in 60 s
@@ -126,7 +125,7 @@ def _ok(procs):
 
 
 def _losses(out_dir):
-    from beamlora_ds.telemetry import current_records
+    from beamlora_ds.telemetry.reset_log import current_records
 
     return {r["step"]: r["loss"] for r in current_records(os.path.join(out_dir, "log.jsonl")) if r["type"] == "train"}
 

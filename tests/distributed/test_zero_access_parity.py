@@ -13,7 +13,6 @@ import pytest
 import zero_access_worker as worker
 from beamlora_ds import testing
 
-pytest.importorskip("deepspeed")
 TIMEOUT_S = 300
 
 

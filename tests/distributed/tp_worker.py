@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import beamlora_ds  # noqa: E402
-from beamlora_ds import BeamLoRAConfig, models, optimizer_param_groups  # noqa: E402
+from beamlora_ds import BeamLoRAConfig, optimizer_param_groups  # noqa: E402
+from beamlora_ds.loading import builtin  # noqa: E402
 
 GLOBAL_BATCH, LENGTH, LR = 4, 16, 1e-2
 CLIP = 0.05  # below every step's gradient norm: clipping always acts, so a wrong global norm changes the run
@@ -34,7 +35,7 @@ def build(run: dict):
     torch.manual_seed(0)
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM(models.tiny_llama_config())
+    model = LlamaForCausalLM(builtin.tiny_llama_config())
     cfg = BeamLoRAConfig(r=4, alpha=8.0, dropout=0.0, tau=0.05, interval=run["interval"], total_steps=run["steps"],
                          p0=0.6, seed=0, importance=run["importance"])
     beam = beamlora_ds.apply(model, cfg)
@@ -101,7 +102,7 @@ def engine_for(run: dict, world: int):
 
 def local_tensors(beam, stage: int) -> dict:
     """This process's fp32 values of every adapter tensor (its slice of a split one). Collective under ZeRO."""
-    from beamlora_ds.zero_access import full_fp32_param
+    from beamlora_ds.backends.deepspeed.zero_params import full_fp32_param
 
     out = {}
     for name, m in zip(beam.module_names, beam.modules):
@@ -112,7 +113,7 @@ def local_tensors(beam, stage: int) -> dict:
 
 
 def train_tp(run: dict, dist) -> dict:
-    from beamlora_ds.export import adapter_state_from_model
+    from beamlora_ds.export.live import adapter_state_from_model
 
     rank, world = dist.get_rank(), dist.get_world_size()
     model, beam, engine = engine_for(run, world)

@@ -1,0 +1,51 @@
+"""apply(): put BeamLoRA on a model and get the controller that runs it, wired to the training platform.
+
+The right order is: load the model, `apply()`, build the optimizer from the trainable parameters, then
+`deepspeed.initialize` (or the Trainer). apply() replaces layers and freezes the base, so an optimizer built before
+it holds only frozen tensors, and an engine built before it never sees the adapter parameters: those mistakes are
+caught here, instead of as an IndexError deep inside DeepSpeed.
+"""
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from .method.config import BeamLoRAConfig
+from .method.controller import BeamController
+from .method.inject import wrap_targets
+from .backends import select_access
+from .backends.torch_access import optimizers_holding
+from .backends.wrappers import is_deepspeed_engine, taken_by_engine
+
+ORDER = ("The order is: model -> beamlora_ds.apply(model, config) -> optimizer from "
+         "beamlora_ds.optimizer_param_groups(model) -> deepspeed.initialize (or the Trainer).")
+
+
+def apply(model: nn.Module, config: BeamLoRAConfig) -> BeamController:
+    """Replace every matching linear layer in `model` (in place) by a BeamLoRALinear; return its controller.
+
+    Only `lora_A`, `lora_B` and the scores stay trainable; the scores of all wrapped layers live in one
+    (modules x r) table, `model.beamlora_scores.lora_score` (docs/fused_score_design.md). Fails before changing
+    anything when nothing matches, a match is not a linear layer, or r does not fit a layer.
+    """
+    config.validate()
+    check_model_before_apply(model)
+    return BeamController(wrap_targets(model, config), config, select_access)
+
+
+def check_model_before_apply(model: nn.Module) -> None:
+    """Refuse an engine, or a model an engine already took over; warn about an optimizer built too early."""
+    if is_deepspeed_engine(model):
+        raise TypeError("apply() got a DeepSpeed engine. Call apply() on the model before deepspeed.initialize, "
+                        "then build the optimizer and the engine. " + ORDER)
+    if any(taken_by_engine(p) for p in model.parameters()):
+        raise RuntimeError("apply() was called after deepspeed.initialize: the engine already partitioned this "
+                           "model's parameters and would never train the adapter (DeepSpeed fails later with an "
+                           "IndexError). " + ORDER)
+    early = optimizers_holding(model.parameters())
+    if early:
+        warnings.warn(f"{len(early)} optimizer(s) ({type(early[0]).__name__}) built before apply() hold this model's "
+                      "parameters: apply() freezes them and adds new adapter parameters the optimizer does not "
+                      "have (deepspeed.initialize then fails with an IndexError, a torch loop trains nothing). "
+                      + ORDER, stacklevel=3)

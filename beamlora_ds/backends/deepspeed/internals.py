@@ -1,0 +1,105 @@
+"""Every private DeepSpeed name beamlora_ds relies on, and every DeepSpeed method it patches: here and nowhere else.
+
+DeepSpeed has no public API for what BeamLoRA needs in a few places: which fp32 master fragment a ZeRO-1/2
+parameter owns, which partition a ZeRO-3 parameter's shard is, re-linking the stage 1/2 moments after a load,
+AutoTP's partition plan and group set-up, loading a universal checkpoint on request, and seeing DeepSpeed's own
+checkpoint writes fail. Each is one function here, listed in docs/platform.md ("DeepSpeed internals we rely on")
+with the versions it is tested against; tests/backends/test_deepspeed_internals.py fails loudly, naming the
+function, when an installed DeepSpeed no longer has one.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+from typing import Callable, Iterator, Optional, Tuple
+
+import torch
+
+
+# --------------------------------------------------------------------------------------- ZeRO parameters
+def taken_by_zero_optimizer(param: torch.Tensor) -> bool:
+    """Whether deepspeed.initialize gave `param` to its ZeRO optimizer: stage 1/2 link an fp32 master fragment
+    (`_hp_mapping`), stage 3 attach the optimizer (`_z3_optimizer`)."""
+    return getattr(param, "_hp_mapping", None) is not None or hasattr(param, "_z3_optimizer")
+
+
+def stage12_mapping(param: torch.Tensor):
+    """The stage 1/2 link of `param` to its fp32 master fragment and moments (DeepSpeed's `tensor_fragment`, with
+    `lp_fragment_address.start/.numel` and `get_hp_fragment(key)`), or None where this process holds none."""
+    return getattr(param, "_hp_mapping", None)
+
+
+def zero3_partition_rank(param: torch.Tensor) -> int:
+    """Which partition of a ZeRO-3 parameter this process's shard (`ds_tensor`) is: its flat offset is this times
+    the shard size (under MiCS and hpZ, not simply the global rank)."""
+    return param._z3_optimizer._get_param_partition_rank(param)
+
+
+def relink_stage12_moments(optimizer) -> None:
+    """After engine.load_checkpoint, a stage 1/2 optimizer's parameter -> moment links point at the replaced state;
+    DeepSpeed rebuilds them lazily only when asked through these two names (local and cheap)."""
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
+# ------------------------------------------------------------------------------------------------ AutoTP
+def hf_tp_plan(model) -> Optional[dict]:
+    """The Hugging Face `base_model_tp_plan` AutoTP reads from a model when the config names no partition plan."""
+    from deepspeed.runtime.tensor_parallel.config import _get_hf_tp_plan
+
+    return _get_hf_tp_plan(model)
+
+
+def init_tensor_parallel_group(tp: int) -> None:
+    """Create DeepSpeed's tensor-parallel groups now (deepspeed.initialize reuses them), so that BeamLoRA's layers
+    can be split, and their replicated adapters broadcast, before initialize."""
+    from deepspeed.utils import groups
+
+    groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
+
+
+def partition_sizes(layer) -> Tuple[int, ...]:
+    """How an AutoTP layer (LinearLayer, LinearAllreduce, a vocabulary-parallel head) split its dimension over its
+    group: uneven for grouped-query attention, so not derivable from the shape alone."""
+    return tuple(layer._partition_sizes)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+@contextlib.contextmanager
+def universal_checkpoint_loading(engine) -> Iterator[None]:
+    """While inside, engine.load_checkpoint reads DeepSpeed's universal checkpoint format. It is a config setting
+    (`checkpoint.load_universal`) that DeepSpeed consults only while loading, so it is switched on for one load
+    instead of asking users to put it in their config for one resume."""
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = before
+
+
+@contextlib.contextmanager
+def checkpoint_writes_wrapped(engine, wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    """While inside, every file engine.save_checkpoint writes goes through `wrap(save)` (save(state_dict, path,
+    ...) is DeepSpeed's checkpoint engine's writer), so a failed write can be recorded instead of raised."""
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if checkpoint_engine is None or not hasattr(checkpoint_engine, "save"):
+        yield
+        return
+    checkpoint_engine.save = wrap(checkpoint_engine.save)
+    try:
+        yield
+    finally:
+        del checkpoint_engine.save  # the class's method again
+
+
+def convert_to_universal_files(input_folder: str, output_folder: str) -> None:
+    """DeepSpeed's `ds_to_universal` script, called in this process with one worker (adapter-sized state converts
+    in seconds, and no process pool forks in a job's process)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    ds_to_universal.main(argparse.Namespace(
+        input_folder=input_folder, output_folder=output_folder, num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=True))

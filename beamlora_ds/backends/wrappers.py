@@ -1,0 +1,58 @@
+"""Recognising what training platforms wrap a model or an optimizer in, without importing them.
+
+A DeepSpeed engine is recognised by its class name, a DeepSpeed optimizer by its module, DDP and DataParallel by
+their class names; importing this module never imports DeepSpeed. Which attributes DeepSpeed sets on a parameter
+it took over is a DeepSpeed internal: `deepspeed/internals.py` reads them.
+"""
+from __future__ import annotations
+
+import torch
+
+from .deepspeed.internals import taken_by_zero_optimizer
+
+
+def is_deepspeed_engine(obj) -> bool:
+    """True for a DeepSpeed engine (by class name, so that importing this module never imports DeepSpeed)."""
+    return any(cls.__name__ == "DeepSpeedEngine" for cls in type(obj).__mro__)
+
+
+def is_model_wrapper(obj) -> bool:
+    """True for a DeepSpeed engine, DDP or DataParallel around a model (`.module`)."""
+    names = {cls.__name__ for cls in type(obj).__mro__}
+    return bool(names & {"DeepSpeedEngine", "DistributedDataParallel", "DataParallel"}) and hasattr(obj, "module")
+
+
+def unwrap_model(model_or_engine) -> torch.nn.Module:
+    """The user's model inside a DeepSpeed engine (or DDP): exported key names must not carry `module.`."""
+    model = model_or_engine
+    while is_model_wrapper(model):
+        model = model.module
+    return model
+
+
+def is_deepspeed_optimizer(obj) -> bool:
+    """A DeepSpeed wrapper optimizer (ZeRO, FP16/BF16, from `deepspeed.runtime`): what `engine.optimizer` is under
+    ZeRO 1-3 or mixed precision. DeepSpeed's own torch optimizers (FusedAdam, DeepSpeedCPUAdam in `deepspeed.ops`)
+    are plain optimizers: under ZeRO-0 fp32 the engine steps one directly."""
+    return type(obj).__module__.startswith("deepspeed.runtime")
+
+
+def taken_by_engine(param: torch.Tensor) -> bool:
+    """True once deepspeed.initialize gave `param` to its ZeRO optimizer: its values then live in the engine, not
+    in any torch optimizer. A ZeRO-3 model partitioned while it loads (zero.Init) is not taken yet."""
+    return taken_by_zero_optimizer(param)
+
+
+def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    """Accept wrappers that hold a torch optimizer in `.optimizer` (accelerate, HF)."""
+    seen = 0
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer") and seen < 8:
+        optimizer, seen = optimizer.optimizer, seen + 1
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"BeamController.step() got {type(optimizer).__name__}; pass the torch optimizer you call "
+                        "step() on, or the DeepSpeed engine.")
+    return optimizer
+
+
+PASS_THE_ENGINE = ("Pass the DeepSpeed engine itself, `beam.step(engine)`, after every `engine.step()`: BeamLoRA edits "
+                   "the engine's fp32 master and Adam moments through it.")

@@ -1,0 +1,1 @@
+"""BeamLoRA inside other trainers: the Hugging Face Trainer (hf_trainer.py)."""

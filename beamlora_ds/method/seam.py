@@ -1,0 +1,79 @@
+"""What the controller needs from a training platform: the seam between the method and whoever holds the tensors.
+
+The controller decides every reset with the pure functions of `algorithm.py` and touches parameters and optimizer
+state only through a `PlatformAccess`: one flat read of the score logits (or per-rank sums of squares), a snapshot
+of A, B and their optimizer moments, and in-place writes of whole rank rows of A, columns of B, score logits and
+moments. The implementations live in `beamlora_ds/backends/` (a plain torch optimizer; DeepSpeed ZeRO 1-3);
+another platform is another implementation of this class, and nothing in `method/` changes.
+
+"Moments" are all per-parameter optimizer state tensors shaped like the parameter (Adam's exp_avg and exp_avg_sq,
+AMSGrad's max_exp_avg_sq, SGD's momentum_buffer); scalars such as Adam's step are never touched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .algorithm import ModuleReset
+from .layer import BeamLoRALinear
+
+
+@dataclass
+class RankStats:
+    """(modules, r) fp32 tensors: score logits; sum of squares of each A row and each B column (or None). Identical
+    on every process: a factor split over processes (ZeRO shards, tensor-parallel slices) is summed up already."""
+
+    logits: torch.Tensor
+    a_row_sq: Optional[torch.Tensor] = None
+    b_col_sq: Optional[torch.Tensor] = None
+
+
+class PlatformAccess:
+    """Interface every platform implements; all methods are called by every process in the same order."""
+
+    modules: List[BeamLoRALinear]
+    all_reduce_bytes: int = 0  # bytes this process has all-reduced so far (0 where there is no communication)
+
+    def rank_stats(self, with_norms: bool) -> RankStats:
+        """Score logits (and, if asked, per-rank sums of squares) of every module, identical on every process."""
+        raise NotImplementedError
+
+    def snapshot(self) -> dict:
+        """This process's copy of A, B and their moments (only what it holds), on the host."""
+        raise NotImplementedError
+
+    def apply_reset(self, plans: Sequence[ModuleReset], new_logits: Dict[int, torch.Tensor], snapshot: dict,
+                    inherit_moments: bool) -> None:
+        """Refill targets from the snapshot's sources, write the new logits, optionally the moments."""
+        raise NotImplementedError
+
+    def zero_score_moments(self) -> None:
+        raise NotImplementedError
+
+    def all_processes_agree(self, checksum: float) -> bool:
+        """True when every process computed the same checksum (debug check against silent desync)."""
+        return True
+
+    def score_weight_decays(self) -> List[Optional[float]]:
+        """The weight decay the optimizer applies to each module's score (None where it cannot be told)."""
+        return [None] * len(self.modules)
+
+    def step_applied(self) -> bool:
+        """Whether the optimizer step just taken updated the weights (not a micro-step inside gradient
+        accumulation, not an fp16 overflow the platform skipped)."""
+        return True
+
+    def optimizer_steps(self) -> Optional[int]:
+        """How many updates the optimizer counted itself (None when it keeps no count)."""
+        return None
+
+    def is_process_zero(self) -> bool:
+        """Whether this process speaks for all: every process decides the same reset, one log line is enough."""
+        return True
+
+
+# What builds the access for whatever `beam.step()` is given: (modules, optimizer or engine) -> PlatformAccess.
+# beamlora_ds.backends provides it (select_access); apply() hands it to the controller.
+AccessSelector = Callable[[Sequence[BeamLoRALinear], object], PlatformAccess]

@@ -1,0 +1,107 @@
+"""Every DeepSpeed internal that backends/deepspeed/internals.py relies on, pinned: each test names the function of
+internals.py that breaks when the installed DeepSpeed changes the private name, the attribute or the signature it
+uses (docs/platform.md, "DeepSpeed internals we rely on"). The behaviour behind them is tested by the real multi-process
+runs in tests/distributed/; these fail loudly, in seconds, on an upgrade."""
+import argparse
+import inspect
+import re
+
+import pytest
+
+
+def source_of(obj) -> str:
+    return inspect.getsource(obj)
+
+
+def parameters(fn):
+    return list(inspect.signature(fn).parameters)
+
+
+def test_stage12_mapping_and_taken_by_zero_optimizer():
+    """Stage 1/2 link each trainable parameter to its fp32 fragment as `param._hp_mapping`, a `tensor_fragment` with
+    `lp_fragment_address` (start, numel) and `get_hp_fragment(key)`."""
+    import importlib
+
+    from deepspeed.utils import mixed_precision_linkage
+
+    tensor_fragment = importlib.import_module("deepspeed.utils.tensor_fragment")  # the package exports a same-named class
+    assert "lp_param._hp_mapping = get_hp_fragment_mapping(" in source_of(mixed_precision_linkage.link_hp_params)
+    fields = {f.name for f in tensor_fragment.fragment_address.__dataclass_fields__.values()}
+    assert {"start", "numel"} <= fields
+    assert "lp_fragment_address" in tensor_fragment.tensor_fragment.__dataclass_fields__
+    assert parameters(tensor_fragment.tensor_fragment.get_hp_fragment)[:2] == ["self", "optim_state_key"]
+
+
+def test_zero3_partition_rank_and_taken_by_zero_optimizer():
+    """Stage 3 attaches itself to each parameter (`_z3_optimizer`) and knows which partition a shard is."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    assert "p._z3_optimizer = self" in source_of(DeepSpeedZeroOptimizer_Stage3)
+    assert parameters(DeepSpeedZeroOptimizer_Stage3._get_param_partition_rank) == ["self", "param"]
+
+
+@pytest.mark.parametrize("module, name", [("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer"),
+                                          ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer")])
+def test_relink_stage12_moments(module, name):
+    """After a load, setting `_hp_optimizer_states_linked` to False makes `_lazy_init_hp_params_optimizer_state`
+    link the moments again."""
+    import importlib
+
+    optimizer = getattr(importlib.import_module(module), name)
+    relink = source_of(optimizer._lazy_init_hp_params_optimizer_state)
+    assert "if not self._hp_optimizer_states_linked:" in relink and "self._hp_optimizer_states_linked = True" in relink
+    assert parameters(optimizer._lazy_init_hp_params_optimizer_state) == ["self"]
+
+
+def test_hf_tp_plan():
+    from deepspeed.runtime.tensor_parallel import config
+
+    assert parameters(config._get_hf_tp_plan) == ["model"]
+
+
+def test_init_tensor_parallel_group():
+    from deepspeed.utils import groups
+
+    assert "tensor_model_parallel_size" in parameters(groups._init_tp_mesh_device)
+
+
+def test_partition_sizes():
+    """AutoTP's layers keep how they split their dimension in `_partition_sizes` (uneven for grouped-query
+    attention)."""
+    from deepspeed.module_inject import layers
+
+    assert "self._partition_sizes = tuple(" in source_of(layers)
+    for cls in (layers.LinearLayer, layers.LinearAllreduce):
+        assert issubclass(cls, layers.TensorParallel_Layer)
+
+
+def test_universal_checkpoint_loading():
+    """The engine keeps its config as `_config`, whose `load_universal_checkpoint` the load reads."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    assert "self._config = " in source_of(DeepSpeedEngine.__init__)
+    assert "self.load_universal_checkpoint = " in source_of(DeepSpeedConfig)
+    assert "load_universal_checkpoint" in source_of(DeepSpeedEngine)
+
+
+def test_checkpoint_writes_wrapped():
+    """Every checkpoint file goes through `engine.checkpoint_engine.save(state_dict, path)`."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    assert parameters(TorchCheckpointEngine.save)[:3] == ["self", "state_dict", "path"]
+    assert "self.checkpoint_engine.save(" in source_of(DeepSpeedEngine)
+
+
+def test_convert_to_universal_files():
+    """`ds_to_universal.main(args)` reads exactly the arguments internals.py passes it."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    from beamlora_ds.backends.deepspeed import internals
+
+    passed = set(re.findall(r"(\w+)=", source_of(internals.convert_to_universal_files).split("Namespace(")[1]))
+    read = set(re.findall(r"\bargs\.(\w+)", source_of(ds_to_universal)))
+    assert read <= passed, f"ds_to_universal now reads {sorted(read - passed)}"
+    assert parameters(ds_to_universal.main) == ["args"]
+    assert isinstance(argparse.Namespace(**{k: None for k in passed}), argparse.Namespace)
