@@ -6,7 +6,7 @@ One CUDA GPU, a plain torch training loop (no DeepSpeed). The model is a `LlamaM
 with random weights (no download): 8 decoder layers shaped like Llama-7B (hidden 4096, intermediate 11008, 32
 heads), no vocabulary to speak of, fed random bf16 embeddings, trained on a mean-squared error against a random
 target. For each base - bf16 weights, or NF4 (bitsandbytes Linear4bit, double quantization, bf16 compute and
-storage, the settings of `beamlora_ds.quant`) - and each method - peft LoRA, BeamLoRA - both with r = 64,
+storage, the settings of `beamlora_ds.load_4bit_model`) - and each method - peft LoRA, BeamLoRA - both with r = 64,
 alpha = 128, dropout 0.05 on all 7 projections: a fresh model (same seed), fp32 trainable adapters (peft's default;
 BeamLoRA's are cast to fp32 the same way), torch.autocast(bf16), torch AdamW, micro-batch 8 x 1024 tokens.
 BeamLoRA's controller runs after every optimizer step, with an interval that puts a snapshot (step 6) and a reset
@@ -84,7 +84,7 @@ def llama_config(args):
 
 
 def to_nf4(model, device):
-    """Every nn.Linear of `model` as a bitsandbytes NF4 Linear4bit, with `beamlora_ds.quant`'s settings for a bf16
+    """Every nn.Linear of `model` as a bitsandbytes NF4 Linear4bit, with `beamlora_ds.load_4bit_model`'s settings for a bf16
     model (double quantization, bf16 compute and storage); quantized on `device`. Returns the number replaced."""
     import torch
     from bitsandbytes.nn import Linear4bit, Params4bit

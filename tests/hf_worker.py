@@ -2,8 +2,8 @@
 
     deepspeed --num_gpus 2 tests/hf_worker.py --out DIR [--stop_at 6] [--resume DIR/checkpoint-6] [--ds_stage 3]
 Writes DIR/result.pt on rank 0: the reset history and the final adapter tensors (fp32, full). Without DeepSpeed,
-test_hf.py calls train() in its own process. Under ZeRO-3 each run needs its own launch: a second Trainer in the
-same processes does not start afresh (measured: a run meant to stop at step 6 went on to 12).
+tests/integrations/test_hf_trainer.py calls train() in its own process. Under ZeRO-3 each run needs its own
+launch: a second Trainer in the same processes does not start afresh (measured: a run meant to stop at step 6 went on to 12).
 """
 import argparse
 import os

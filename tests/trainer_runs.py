@@ -13,8 +13,8 @@ WORKER = os.path.join(ROOT, "tests", "hf_worker.py")
 
 
 def run_worker(runs, ds_stage=-1, deepspeed_procs=0):
-    """Each run ({"out", "stop_at", "resume"}) in turn: hf_worker.train() in this process, or hf_worker.py under
-    `deepspeed --num_gpus deepspeed_procs` (one launch per run); their results."""
+    """Each run ({"out", "stop_at", "resume": a checkpoint folder}) in turn: hf_worker.train() in this process, or
+    hf_worker.py in `deepspeed_procs` processes (one launch per run); their results."""
     if not deepspeed_procs:
         import hf_worker
 
@@ -23,24 +23,26 @@ def run_worker(runs, ds_stage=-1, deepspeed_procs=0):
     for run in runs:
         args = ["--out", run["out"], "--stop_at", run.get("stop_at", 0), "--ds_stage", ds_stage]
         if run.get("resume"):  # by name: testing.run may retry a native abort, which must not resume a later one
-            args += ["--resume", os.path.join(run["out"], "checkpoint-6")]
-        proc = testing.run(testing.deepspeed_command(WORKER, args, deepspeed_procs), timeout=300, cwd=ROOT)
+            args += ["--resume", run["resume"]]
+        proc = testing.run(testing.spawn_command(WORKER, args, deepspeed_procs), timeout=300, cwd=ROOT)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         results.append(torch.load(os.path.join(run["out"], "result.pt"), weights_only=False))
     return results
 
 
 def check_resume_is_exact(tmp_path, ds_stage=-1, deepspeed_procs=0):
-    """The run that never stopped, one stopped at step 6, and its resume from the Trainer checkpoint."""
+    """The run that never stopped (checkpoints at steps 6 and 12), and a run resumed from its step-6 checkpoint into
+    another folder: it ends with exactly the same adapter and resets. (A run stopped at step 6 writes the same
+    checkpoint-6; tests/integrations/test_hf_trainer.py stops one.)"""
     full_dir, part_dir = str(tmp_path / "full"), str(tmp_path / "part")
-    full, stopped, resumed = run_worker([{"out": full_dir}, {"out": part_dir, "stop_at": 6},
-                                         {"out": part_dir, "resume": True}], ds_stage, deepspeed_procs)
+    checkpoint = os.path.join(full_dir, "checkpoint-6")
+    full, resumed = run_worker([{"out": full_dir}, {"out": part_dir, "resume": checkpoint}], ds_stage,
+                               deepspeed_procs)
     assert full["global_step"] == 12
     assert [step for step, _ in full["history"]] == [4, 8]  # optimizer steps, not the 24 micro-steps
     assert len(full["history"][0][1]) > 0
-    assert stopped["global_step"] == 6
-    assert os.path.isfile(os.path.join(part_dir, "checkpoint-6", "beamlora_state_rank0.pt"))
-    check_checkpoint_is_adapter_sized(os.path.join(part_dir, "checkpoint-6"))
+    assert os.path.isfile(os.path.join(checkpoint, "beamlora_state_rank0.pt"))
+    check_checkpoint_is_adapter_sized(checkpoint)
     assert resumed["global_step"] == 12 and resumed["history"] == full["history"]
     for name, value in full["weights"].items():
         assert torch.allclose(resumed["weights"][name], value, rtol=1e-6, atol=1e-7), name

@@ -1,5 +1,7 @@
 """Starting DeepSpeed processes from tests and benchmarks: one place for what every such launch needs.
 
+- the processes themselves, started by spawn.py as DeepSpeed's launcher starts them but without its start-up
+  (`spawn_command`), or by `deepspeed` itself where a test checks a documented command (`deepspeed_command`);
 - a free master port;
 - a timeout that kills the whole process group (a process stuck in a collective never returns by itself);
 - one retry of the rare native abort ("terminate called without an active exception", no Python error) that
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
 NATIVE_CRASH = "terminate called without an active exception"
@@ -70,9 +73,22 @@ def _mapped_shm_files() -> set:
 
 
 def deepspeed_command(script: str, args: Iterable = (), nproc: int = 2, port: Optional[int] = None) -> List[str]:
-    """`deepspeed --num_gpus nproc --master_port PORT script args...` (a free port when none is given)."""
+    """`deepspeed --num_gpus nproc --master_port PORT script args...` (a free port when none is given): the launcher
+    users type; tests of a documented command use it."""
     return [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(nproc), "--master_port",
             str(port or free_port()), str(script), *map(str, args)]
+
+
+SPAWN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spawn.py")
+
+
+def spawn_command(script: str, args: Iterable = (), nproc: int = 2, port: Optional[int] = None, nnodes: int = 1,
+                  node_rank: int = 0) -> List[str]:
+    """The same processes as `deepspeed_command` (the same variables, `--local_rank=N`), started by spawn.py
+    without DeepSpeed's launcher start-up (about 6.5 s a launch here): what tests and benchmarks use. `nnodes` and
+    `node_rank` start one node of a job of several, on this machine."""
+    return [sys.executable, SPAWN, "--nproc", str(nproc), "--nnodes", str(nnodes), "--node_rank", str(node_rank),
+            "--master_port", str(port or free_port()), str(script), *map(str, args)]
 
 
 def single_process_env(port: Optional[int] = None, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -191,9 +207,9 @@ def run(cmd: Sequence, timeout: float, cwd: Optional[str] = None, env: Optional[
 
 def launch(script: str, args: Iterable = (), nproc: int = 2, timeout: float = 3600, cwd: Optional[str] = None,
            echo_prefix: Optional[str] = None) -> str:
-    """`script args` under `deepspeed --num_gpus nproc`; returns stdout + stderr, raises RuntimeError (with the
+    """`script args` in `nproc` processes (spawn_command); returns stdout + stderr, raises RuntimeError (with the
     output's tail) when the launch fails or runs past `timeout` seconds."""
-    cmd = deepspeed_command(os.path.abspath(script), args, nproc)
+    cmd = spawn_command(os.path.abspath(script), args, nproc)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     try:
         proc = run(cmd, timeout, cwd=cwd, env=env, echo_prefix=echo_prefix)
@@ -224,6 +240,63 @@ def launch_runs(worker: str, folder: str, runs: dict, nproc: int, timeout: float
     spec, out = os.path.join(folder, f"runs{nproc}.json"), os.path.join(folder, f"results{nproc}.pt")
     with open(spec, "w") as f:
         json.dump(runs, f)
-    proc = run(deepspeed_command(worker, ["--runs", spec, "--out", out], nproc), timeout=timeout, cwd=folder)
+    proc = run(spawn_command(worker, ["--runs", spec, "--out", out], nproc), timeout=timeout, cwd=folder)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out, weights_only=False)
+
+
+def node_commands(script: str, port: int, args_per_node: Sequence[Sequence], hostfile: Optional[str] = None
+                  ) -> List[List[str]]:
+    """One command per node of a job of one process per node, all on this machine (start them with run_together):
+    with a `hostfile`, `deepspeed --hostfile H --no_ssh --node_rank N --master_addr 127.0.0.1 --master_port P`, as
+    launch/slurm_70b.sbatch runs on each node; without, the same processes through spawn.py."""
+    if hostfile is None:
+        return [spawn_command(script, args, nproc=1, port=port, nnodes=len(args_per_node), node_rank=node)
+                for node, args in enumerate(args_per_node)]
+    deepspeed = shutil.which("deepspeed") or "deepspeed"
+    return [[deepspeed, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
+             "127.0.0.1", "--master_port", str(port), str(script), *map(str, args)]
+            for node, args in enumerate(args_per_node)]
+
+
+def run_together(cmds, envs, timeout, cwd=None):
+    """Start every command at once, each in its own process group; wait for all (killing every group still running
+    at `timeout`, then raising TimeoutExpired). Returns one CompletedProcess per command (stdout and stderr merged)
+    plus `.seconds`, its wall time from the common start."""
+    procs, outputs, ends = [], [], []
+    start = time.time()
+    for cmd, env in zip(cmds, envs):
+        procs.append(subprocess.Popen([str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env, start_new_session=True))
+        outputs.append([])
+        ends.append(None)
+
+    def collect(i):
+        outputs[i].append(procs[i].stdout.read())
+        procs[i].wait()
+        ends[i] = time.time() - start
+
+    readers = [threading.Thread(target=collect, args=(i,), daemon=True) for i in range(len(procs))]
+    for r in readers:
+        r.start()
+    deadline = start + timeout
+    try:
+        for r in readers:
+            r.join(max(deadline - time.time(), 0))
+    finally:  # a timeout, or Ctrl-C: no launch may be left running
+        late = [p for p in procs if p.poll() is None]
+        for p in late:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for r in readers:
+            r.join(10)
+    if late:
+        raise subprocess.TimeoutExpired(cmds, timeout, output="\n".join("".join(o) for o in outputs))
+    results = []
+    for cmd, p, out, end in zip(cmds, procs, outputs, ends):
+        result = subprocess.CompletedProcess(cmd, p.returncode, "".join(out), "")
+        result.seconds = end
+        results.append(result)
+    return results

@@ -17,22 +17,24 @@ def parameters(fn):
     return list(inspect.signature(fn).parameters)
 
 
-def test_stage12_mapping_and_taken_by_zero_optimizer():
-    """Stage 1/2 link each trainable parameter to its fp32 fragment as `param._hp_mapping`, a `tensor_fragment` with
-    `lp_fragment_address` (start, numel) and `get_hp_fragment(key)`."""
+def test_stage12_mapping_and_in_zero_optimizer():
+    """Stage 1/2 set `param._hp_mapping` on every parameter of its groups (None where this process holds no
+    fragment) and link a held fragment as a `tensor_fragment` with `lp_fragment_address` (start, numel) and
+    `get_hp_fragment(key)`."""
     import importlib
 
     from deepspeed.utils import mixed_precision_linkage
 
     tensor_fragment = importlib.import_module("deepspeed.utils.tensor_fragment")  # the package exports a same-named class
-    assert "lp_param._hp_mapping = get_hp_fragment_mapping(" in source_of(mixed_precision_linkage.link_hp_params)
+    linking = source_of(mixed_precision_linkage)
+    assert "lp_param._hp_mapping = None" in linking and "lp_param._hp_mapping = get_hp_fragment_mapping(" in linking
     fields = {f.name for f in tensor_fragment.fragment_address.__dataclass_fields__.values()}
     assert {"start", "numel"} <= fields
     assert "lp_fragment_address" in tensor_fragment.tensor_fragment.__dataclass_fields__
     assert parameters(tensor_fragment.tensor_fragment.get_hp_fragment)[:2] == ["self", "optim_state_key"]
 
 
-def test_zero3_partition_rank_and_taken_by_zero_optimizer():
+def test_zero3_partition_rank_and_in_zero_optimizer():
     """Stage 3 attaches itself to each parameter (`_z3_optimizer`) and knows which partition a shard is."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 

@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_reset_cost_quick(tmp_path):
     out = tmp_path / "reset_cost.json"
-    proc = testing.run(testing.deepspeed_command("benchmarks/reset_cost.py", ["--quick", "--json", out]), timeout=240,
+    proc = testing.run(testing.spawn_command("benchmarks/reset_cost.py", ["--quick", "--json", out]), timeout=240,
                        cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -31,7 +31,7 @@ FIXED_IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("export"))
-    cmd = testing.deepspeed_command(WORKER, ["--out_dir", out, "--stages", ",".join(map(str, STAGES))], nproc=2)
+    cmd = testing.spawn_command(WORKER, ["--out_dir", out, "--stages", ",".join(map(str, STAGES))], nproc=2)
     proc = testing.run(cmd, timeout=TIMEOUT_S, cwd=out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = torch.load(os.path.join(out, "result.pt"), weights_only=False)

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def run_ds_example(out, *extra):
-    cmd = testing.deepspeed_command(os.path.join(ROOT, "examples", "train_deepspeed.py"),
+    cmd = testing.spawn_command(os.path.join(ROOT, "examples", "train_deepspeed.py"),
                                     ["--out", out, "--steps", 16, "--interval", 4, "--save_every", 4, *extra], 2)
     proc = testing.run(cmd, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,15 +1,15 @@
 """A run SIGKILLed at any moment, or stopped with --stop_after, resumes to exactly the run that was never killed
 (issue 8).
 
-One output folder per ZeRO stage is stopped once cleanly (--stop_after 2: exit 0, a checkpoint, the next launch
-counts on from step 3), then killed again and again, each time at a different moment, and resumed with --resume
-until the run finishes:
-  - named crash points (beamlora_ds/failpoints.py, the process SIGKILLs itself): in a step (between backward and
-    the optimizer step), right after a snapshot, in a reset (weights half edited), in a checkpoint write (one
-    process's files written, the other's not), between the checkpoint folder's rename and the `latest` update,
-    and in the adapter write;
+One output folder per ZeRO stage (the ZeRO-2 one first stopped cleanly: --stop_after 2, exit 0, a checkpoint, the
+next launch counts on from step 3) is killed again and again, each time at a different moment, and resumed with
+--resume until the run finishes:
+  - named crash points (beamlora_ds/testing/failpoints.py, the process SIGKILLs itself): in a step (between
+    backward and the optimizer step), right after a snapshot, in a reset (weights half edited), in a checkpoint
+    write (one process's files written, the other's not), between the checkpoint folder's rename and the `latest`
+    update, and in the adapter write;
   - random moments: the whole launch (launcher and both workers) SIGKILLed from outside after a random delay, as a
-    preempted node would be (seed printed; KILL_RANDOM=N tries N of them per stage).
+    preempted node would be (seed printed; KILL_RANDOM=N tries N of them).
 After each kill: every checkpoint folder that is not `*.partial` is complete and loadable, and `latest` names one.
 At the end: the loss of every step (as the log stands after its resume records) and the final adapter equal the
 uninterrupted run of the same seed (fp32, conftest.py's uninterrupted_run, shared with test_train_entry.py) within
@@ -32,13 +32,13 @@ STEPS = 16
 RUN = [*TINY, "--eval_samples", "0"]
 # (crash point, rank that dies): snapshots at 2, 6, 10, 14; resets at 4, 8, 12; checkpoints every 3 steps and at 16.
 # STOP: a clean --stop_after 2 (checkpointed) before the first kill. Every crash point is exercised once, the points
-# split between the two stages (a launch costs ~20 s; the series were the suite's largest share), each stage with
-# the clean stop and the final adapter write; RANDOM: the whole launch killed from outside at a random moment.
+# split between the two stages (a launch costs 5-10 s; the series are the suite's largest share), the clean stop
+# and the final adapter write in one of them; RANDOM: the whole launch killed from outside at a random moment.
 KILLS = {2: ["STOP", "step@5:1", "reset@8:1", "latest@12:0", "adapter"],
-         3: ["STOP", "snapshot@6:0", "checkpoint@9:1", "RANDOM", "adapter"]}
+         3: ["snapshot@6:0", "checkpoint@9:1", "RANDOM"]}
 # what `latest` names after each named kill: each left the checkpoint before it (a kill between a checkpoint's
 # rename and its `latest` update leaves the previous one named)
-LATEST_AFTER = {2: [2, 3, 6, 9], 3: [2, 3, 6]}
+LATEST_AFTER = {2: [2, 3, 6, 9], 3: [3, 6]}
 
 
 def _launch(out_dir, stage, *extra, kill_at=None, timeout=300):
@@ -119,7 +119,7 @@ def _kill_again_and_again(out, stage, kills, expected_files, rng):
             proc = _launch(out, stage, *resume, kill_at=kill)
             output = proc.stdout + proc.stderr
             assert proc.returncode != 0 and "return code = -9" in output, f"no SIGKILL at {kill}:\n{output[-3000:]}"
-        if i == 1:  # the launch after the clean stop counted on from step 3: no step done twice
+        if i == 1 and kills[0] == "STOP":  # the launch after the clean stop counted on from step 3: none redone
             steps = [r["step"] for r in read_log(out) if r["type"] == "train"]
             assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3, steps
         latest_steps.append(_check_checkpoints(out, expected_files))

@@ -1,4 +1,4 @@
-"""Loading a 4-bit base under ZeRO-3 in turns (beamlora_ds.staggered through quant.load_4bit_model), 2 processes.
+"""Loading a 4-bit base under ZeRO-3 in turns (beamlora_ds/loading/staggered.py through load_4bit_model), 2 processes.
 
 benchmarks/load_memory.py --quick runs the old way (every process at once) and the new one, each a real
 `deepspeed` launch: the loads of the processes of the node (here: both) must not overlap in time in the new way
@@ -49,7 +49,7 @@ def test_an_error_while_one_process_loads_reaches_every_process(tmp_path):
     load_memory.save_model(load_memory.parse(["--quick"]), str(model_dir))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    cmd = testing.deepspeed_command(os.path.join(ROOT, "benchmarks", "load_memory.py"),
+    cmd = testing.spawn_command(os.path.join(ROOT, "benchmarks", "load_memory.py"),
                                     ["--worker", "--model_dir", model_dir, "--mode", "turns", "--out_dir", out_dir,
                                      "--fail_rank", "0"])
     started = time.time()
@@ -58,7 +58,7 @@ def test_an_error_while_one_process_loads_reaches_every_process(tmp_path):
     assert proc.returncode != 0, output[-3000:]
     assert time.time() - started < 100
     for rank in (0, 1):
-        assert f"[rank{rank}]: beamlora_ds.staggered.LoadError: Loading " in output, output[-4000:]
+        assert f"[rank{rank}]: beamlora_ds.loading.staggered.LoadError: Loading " in output, output[-4000:]
     assert "failed on process(es) [0] (in turn 2 of 2)" in output
     assert "this process: OSError" in output or "this process: FileNotFoundError" in output, output[-4000:]
     assert not list(out_dir.glob("rank*.json"))  # nobody got past loading

@@ -14,7 +14,7 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "misuse_worker
 @pytest.fixture(scope="module")
 def said(tmp_path_factory):
     out = tmp_path_factory.mktemp("misuse")
-    proc = testing.run(testing.deepspeed_command(WORKER, [out], 2), timeout=400)
+    proc = testing.run(testing.spawn_command(WORKER, [out], 2), timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     per_rank = []
     for rank in (0, 1):

@@ -9,7 +9,7 @@ difference makes: different dropout masks alone moved the step-2 loss by 9e-4; a
 missed reset write moves it by more. The pruned ranks and their sources must be identical.
 
 The eval before training runs the 4-bit model in eval mode without grad: on AVX512-BF16 CPUs that repacks the
-weights in place unless quant.load_4bit_model turned it off, and the final save_checkpoint would then fail.
+weights in place unless load_4bit_model turned it off, and the final save_checkpoint would then fail.
 The 2-process run is stopped after step 3 and resumed (a DeepSpeed checkpoint of a 4-bit model) and must still
 match the 1-process run that never stopped: one comparison covers the split and the resume.
 (The exported adapter loading into peft is checked in the export tests, not here.)

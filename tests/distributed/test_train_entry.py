@@ -42,7 +42,7 @@ def test_local_checkpoint_is_partitioned_at_load_under_zero3_and_no_shm_buffer_i
     models.load_model(builtin.BUILTIN_TINY, torch.float32, {}).save_pretrained(model_dir)
     builtin.char_tokenizer().save_pretrained(model_dir)
     out = tmp_path / "out"
-    cmd = testing.deepspeed_command(TRAIN, ["--output_dir", out, "--ds_config", "ds_configs/zero3.json",
+    cmd = testing.spawn_command(TRAIN, ["--output_dir", out, "--ds_config", "ds_configs/zero3.json",
                                             "--model_name_or_path", model_dir, "--lora_r", "8", "--max_steps", "8",
                                             "--interval", "4", "--logging_steps", "1", "--max_length", "64"])
     proc = testing.run(["sh", "-c", LIST_SHM_AFTER, "sh", *cmd], timeout=300, cwd=ROOT)

@@ -1,6 +1,8 @@
 """Two nodes simulated on one machine, launched as launch/slurm_70b.sbatch launches them: one `deepspeed` launcher per
 node in `--no_ssh` mode (`--hostfile H --no_ssh --node_rank N --master_addr A --master_port P`), here node ranks 0
-and 1 with one process each, on localhost.
+and 1 with one process each, on localhost. The uninterrupted run uses DeepSpeed's launcher itself; the others start
+the same processes with the same variables through beamlora_ds/testing/spawn.py (without DeepSpeed's launcher
+start-up).
 
 The hostfile names two hosts ("node0 slots=1", "node1 slots=1"): in --no_ssh mode DeepSpeed never contacts them, it
 only needs two entries so that --node_rank 1 is valid and the world is 2. Each launcher then starts its one process
@@ -18,11 +20,6 @@ stays off (it needs every rank on one node) and every collective goes over gloo/
 """
 import json
 import os
-import shutil
-import signal
-import subprocess
-import threading
-import time
 
 import pytest
 import torch
@@ -39,63 +36,12 @@ RUN = ["--model_name_or_path", "builtin-tiny", "--ds_config", "ds_configs/zero2.
 TIMEOUT = 240  # per pair of launches
 
 
-# --------------------------------------------------------------------- helpers (candidates for beamlora_ds.testing)
-def node_commands(script, hostfile, port, args_per_node):
-    """One `deepspeed --hostfile H --no_ssh --node_rank N --master_addr 127.0.0.1 --master_port P script args` per
-    node, as launch/slurm_70b.sbatch runs on each node."""
-    deepspeed = shutil.which("deepspeed") or "deepspeed"
-    return [[deepspeed, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr",
-             "127.0.0.1", "--master_port", str(port), str(script), *map(str, args)]
-            for node, args in enumerate(args_per_node)]
-
-
-def run_together(cmds, envs, timeout, cwd=None):
-    """Start every command at once, each in its own process group; wait for all (killing every group still running
-    at `timeout`, then raising TimeoutExpired). Returns one CompletedProcess per command (stdout and stderr merged)
-    plus `.seconds`, its wall time from the common start."""
-    procs, outputs, ends = [], [], []
-    start = time.time()
-    for cmd, env in zip(cmds, envs):
-        procs.append(subprocess.Popen([str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env, start_new_session=True))
-        outputs.append([])
-        ends.append(None)
-
-    def collect(i):
-        outputs[i].append(procs[i].stdout.read())
-        procs[i].wait()
-        ends[i] = time.time() - start
-
-    readers = [threading.Thread(target=collect, args=(i,), daemon=True) for i in range(len(procs))]
-    for r in readers:
-        r.start()
-    deadline = start + timeout
-    try:
-        for r in readers:
-            r.join(max(deadline - time.time(), 0))
-    finally:  # a timeout, or Ctrl-C: no launch may be left running
-        late = [p for p in procs if p.poll() is None]
-        for p in late:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for r in readers:
-            r.join(10)
-    if late:
-        raise subprocess.TimeoutExpired(cmds, timeout, output="\n".join("".join(o) for o in outputs))
-    results = []
-    for cmd, p, out, end in zip(cmds, procs, outputs, ends):
-        result = subprocess.CompletedProcess(cmd, p.returncode, "".join(out), "")
-        result.seconds = end
-        results.append(result)
-    return results
-
-
-def launch_two_nodes(tmp_path, out_dirs, *args, kill_node1_at=None, timeout=TIMEOUT):
+def launch_two_nodes(tmp_path, out_dirs, *args, kill_node1_at=None, timeout=TIMEOUT, launcher="spawn"):
     """launch/train.py as a 2-node job: node 0 with --output_dir out_dirs[0], node 1 with out_dirs[1] (the same
-    folder for a shared file system). `kill_node1_at`: a BEAMLORA_DS_KILL_AT spec for node 1's process only. A native
-    abort with no Python error (beamlora_ds.testing.run's one retry) restarts both nodes once on a new port."""
+    folder for a shared file system). `kill_node1_at`: a BEAMLORA_DS_KILL_AT spec for node 1's process only.
+    `launcher` "deepspeed": one `deepspeed --hostfile H --no_ssh --node_rank N` per node, as launch/slurm_70b.sbatch
+    runs it; "spawn": the same processes and variables without DeepSpeed's launcher start-up. A native abort with
+    no Python error (beamlora_ds.testing.run's one retry) restarts both nodes once on a new port."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     base = {k: v for k, v in os.environ.items() if k != "BEAMLORA_DS_KILL_AT"}
@@ -103,9 +49,10 @@ def launch_two_nodes(tmp_path, out_dirs, *args, kill_node1_at=None, timeout=TIME
     envs = [dict(base), dict(base, **({"BEAMLORA_DS_KILL_AT": kill_node1_at} if kill_node1_at else {}))]
     for attempt in range(2):
         port = testing.free_port()
-        cmds = node_commands(TRAIN, hostfile, port, [["--output_dir", out, *args] for out in out_dirs])
+        cmds = testing.node_commands(TRAIN, port, [["--output_dir", out, *args] for out in out_dirs],
+                                     hostfile=hostfile if launcher == "deepspeed" else None)
         try:
-            procs = run_together(cmds, envs, timeout, cwd=ROOT)
+            procs = testing.run_together(cmds, envs, timeout, cwd=ROOT)
         finally:
             testing.remove_shm_buffers(port)
         output = "".join(p.stdout for p in procs)
@@ -152,10 +99,10 @@ def _assert_same_run(out_dir, reference):
 
 @pytest.fixture(scope="module")
 def two_node_reference(tmp_path_factory):
-    """The uninterrupted 2-node run on a shared folder: (folder, its two launches)."""
+    """The uninterrupted 2-node run on a shared folder, by DeepSpeed's own launcher: (folder, its two launches)."""
     tmp = tmp_path_factory.mktemp("two_nodes_uninterrupted")
     out = tmp / "run"
-    procs = launch_two_nodes(tmp, [out, out], *RUN)
+    procs = launch_two_nodes(tmp, [out, out], *RUN, launcher="deepspeed")
     _ok(procs)
     return out, procs
 

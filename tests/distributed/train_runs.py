@@ -1,4 +1,4 @@
-"""launch/train.py under `deepspeed` from the tests here: the command, the tiny run they share, its log."""
+"""launch/train.py in several processes from the tests here: the command, the tiny run they share, its log."""
 import json
 import os
 
@@ -11,10 +11,12 @@ TINY = ["--model_name_or_path", "builtin-tiny", "--lora_r", "8", "--max_steps", 
         "--p0", "0.8", "--learning_rate", "3e-3", "--logging_steps", "1", "--save_steps", "3"]
 
 
-def launch_train(out_dir, *args, nproc=2, timeout=300, env=None):
-    """`deepspeed --num_gpus nproc launch/train.py --output_dir out_dir args...` through beamlora_ds.testing.run."""
-    cmd = testing.deepspeed_command(TRAIN, ["--output_dir", out_dir, *args], nproc)
-    return testing.run(cmd, timeout=timeout, cwd=ROOT, env=env)
+def launch_train(out_dir, *args, nproc=2, timeout=300, env=None, launcher="spawn"):
+    """launch/train.py --output_dir out_dir args... in `nproc` processes through beamlora_ds.testing.run, started as
+    `deepspeed --num_gpus nproc` starts them (launcher "spawn", without its start-up) or by `deepspeed` itself
+    (launcher "deepspeed": the command the README documents)."""
+    command = testing.deepspeed_command if launcher == "deepspeed" else testing.spawn_command
+    return testing.run(command(TRAIN, ["--output_dir", out_dir, *args], nproc), timeout=timeout, cwd=ROOT, env=env)
 
 
 def read_log(out_dir):

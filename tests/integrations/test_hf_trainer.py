@@ -115,19 +115,17 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(tmp_path):
         assert torch.equal(result["weights"][name], value), name
 
 
-def test_resume_from_a_checkpoint_in_another_folder(tmp_path):
-    """resume_from_checkpoint=<path> to a copied checkpoint, output_dir elsewhere: the adapter and BeamLoRA's state
-    both come from that path, and the run ends as the one that never stopped."""
-    import shutil
-
+def test_a_stopped_run_resumes_from_its_latest_checkpoint(tmp_path):
+    """A run stopped at step 6 and resumed with resume_from_checkpoint=True (the Trainer's newest checkpoint in its
+    own output_dir) ends as the one that never stopped (test_trainer_resets_and_resumes_exactly resumes another
+    folder's checkpoint instead)."""
     import hf_worker
 
     full = hf_worker.train(str(tmp_path / "full"))
-    hf_worker.train(str(tmp_path / "part"), stop_at=6)
-    moved = str(tmp_path / "elsewhere" / "ckpt")
-    shutil.copytree(str(tmp_path / "part" / "checkpoint-6"), moved)
-    resumed = hf_worker.train(str(tmp_path / "new_out"), resume=moved)
-    assert resumed["history"] == full["history"]
+    stopped = hf_worker.train(str(tmp_path / "part"), stop_at=6)
+    assert stopped["global_step"] == 6 and sorted(os.listdir(tmp_path / "part"))[:1] == ["checkpoint-6"]
+    resumed = hf_worker.train(str(tmp_path / "part"), resume=True)
+    assert resumed["global_step"] == 12 and resumed["history"] == full["history"]
     for name, value in full["weights"].items():
         assert torch.allclose(resumed["weights"][name], value, rtol=1e-6, atol=1e-7), name
 

@@ -285,7 +285,7 @@ def test_adapter_trained_on_a_4bit_base_loads_in_stock_peft_on_the_full_precisio
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
 
 
-# --------------------------------------------------------------- loading at scale (beamlora_ds.staggered)
+# --------------------------------------------------------------- loading at scale (loading/staggered.py)
 def anon_rss():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))

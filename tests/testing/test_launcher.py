@@ -104,3 +104,26 @@ def test_run_retries_a_native_abort_once_on_a_new_port_but_not_a_python_error(tm
     else:
         assert proc.returncode == 0 and proc.stdout.endswith(testing.RETRIED + "ok\n") and attempts == 2
         assert ports[0] == [str(port)] * 2 and ports[1][0] == ports[1][1] != str(port)
+
+
+def test_spawn_starts_the_processes_deepspeed_would_and_stops_them_when_one_fails(tmp_path):
+    """spawn.py gives each process the variables and the --local_rank argument DeepSpeed's launcher gives (one node
+    of two here), and when one exits with an error it stops the others and exits with that error, saying so as
+    DeepSpeed's launcher does (the kill-and-resume tests read that line)."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "keys = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'CROSS_RANK')\n"
+        "print(' '.join(os.environ[k] for k in keys), sys.argv[1:], flush=True)\n"
+        "if 'fail' in sys.argv and os.environ['LOCAL_RANK'] == '1':\n"
+        "    os.kill(os.getpid(), 9)\n"
+        "if 'fail' in sys.argv:\n"
+        "    time.sleep(60)\n")
+    ok = testing.run(testing.spawn_command(script, ["x"], nproc=2, port=4321, nnodes=2, node_rank=1), timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert sorted(ok.stdout.splitlines()) == [
+        "2 0 4 2 127.0.0.1 4321 1 ['--local_rank=0', 'x']", "3 1 4 2 127.0.0.1 4321 1 ['--local_rank=1', 'x']"]
+    started = time.time()
+    failed = testing.run(testing.spawn_command(script, ["fail"], nproc=2, port=4322), timeout=60)
+    assert failed.returncode == 137 and "exits with return code = -9" in failed.stderr
+    assert time.time() - started < 30  # the other process, asleep for a minute, was stopped

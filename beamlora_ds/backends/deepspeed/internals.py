@@ -17,9 +17,16 @@ import torch
 
 
 # --------------------------------------------------------------------------------------- ZeRO parameters
+def in_zero_optimizer(param: torch.Tensor) -> bool:
+    """Whether a ZeRO optimizer holds `param`: stage 1/2 set `_hp_mapping` on every parameter of its groups (None
+    where this process holds no fragment of it), stage 3 attaches itself (`_z3_optimizer`). Reading such a
+    parameter's fp32 master is a collective every process must enter, fragment or not."""
+    return hasattr(param, "_hp_mapping") or hasattr(param, "_z3_optimizer")
+
+
 def taken_by_zero_optimizer(param: torch.Tensor) -> bool:
-    """Whether deepspeed.initialize gave `param` to its ZeRO optimizer: stage 1/2 link an fp32 master fragment
-    (`_hp_mapping`), stage 3 attach the optimizer (`_z3_optimizer`)."""
+    """Whether deepspeed.initialize gave `param` to its ZeRO optimizer, as seen from any one of its processes: a stage
+    1/2 fragment linked here, or the stage 3 optimizer attached (the misuse checks around apply() and step())."""
     return getattr(param, "_hp_mapping", None) is not None or hasattr(param, "_z3_optimizer")
 
 

@@ -21,7 +21,7 @@ from .. import coordination
 from ..flat_runs import Run, columns, gather_local, rows, total
 from ..tensor_parallel import sum_split_norms
 from ..torch_access import TorchAccess, adapter_parameters
-from .internals import relink_stage12_moments, taken_by_zero_optimizer
+from .internals import in_zero_optimizer, relink_stage12_moments
 from .supported_setups import check_engine_support
 from .zero_fragments import Fragment, Stage3Fragment, Stage12Fragment
 from .zero_params import warn_if_adapters_not_persistent
@@ -71,7 +71,7 @@ class ZeroAccess(EngineSteps, PlatformAccess):
                 if not p.requires_grad:
                     raise ValueError(f"{name} has requires_grad=False: DeepSpeed keeps no fp32 master for it, "
                                      "so BeamLoRA cannot edit it. Do not freeze adapter parameters.")
-                if not taken_by_zero_optimizer(p):
+                if not in_zero_optimizer(p):
                     raise ValueError(f"A BeamLoRA {name} is not in the DeepSpeed optimizer. Build the optimizer from "
                                      "the trainable parameters after beamlora_ds.apply() (optimizer_param_groups).")
         check_engine_support(engine)  # NVMe parameter offload: out of reach of any edit (supported_setups.py)

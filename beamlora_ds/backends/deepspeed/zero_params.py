@@ -10,7 +10,7 @@ import torch
 from ...method.layer import BeamLoRALinear
 from ...method.score_table import score_parameters
 from .. import coordination
-from .internals import taken_by_zero_optimizer
+from .internals import in_zero_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +27,12 @@ def full_fp32_param(param: torch.Tensor) -> torch.Tensor:
     the master's fragments, stage 3 all-gathers the shards. Reading the master, not the possibly bf16 working
     copy, is what makes an exported adapter the trained one (docs/method.md section 6).
     """
-    if is_zero3_param(param) and not (param.requires_grad and taken_by_zero_optimizer(param)):
+    if is_zero3_param(param) and not (param.requires_grad and in_zero_optimizer(param)):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([param]):
             return param.data.detach().float().cpu().clone()
-    if taken_by_zero_optimizer(param):  # ZeRO-1/2/3 (and DeepSpeed's bf16 optimizer): the fp32 master
+    if in_zero_optimizer(param):  # ZeRO-1/2/3 (and DeepSpeed's bf16 optimizer): the fp32 master
         from deepspeed.utils import safe_get_full_fp32_param
 
         return safe_get_full_fp32_param(param).detach().float().cpu().clone()

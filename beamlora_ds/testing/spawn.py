@@ -1,0 +1,93 @@
+"""Start the processes of one node of a multi-process job the way DeepSpeed's launcher does, without its start-up.
+
+    python beamlora_ds/testing/spawn.py --nproc 2 --master_port 29500 script.py args...
+    python beamlora_ds/testing/spawn.py --nproc 2 --nnodes 2 --node_rank 1 --master_port 29500 script.py args...
+
+Each process gets the variables DeepSpeed's launcher sets (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR,
+MASTER_PORT, CROSS_RANK, CROSS_SIZE) and `--local_rank=N` after the script, as `deepspeed --num_gpus N` gives them;
+the processes then run real DeepSpeed and torch.distributed, joined by `deepspeed.init_distributed`. When one exits
+with an error, the others are stopped and this launcher exits with its code, saying "exits with return code = N" as
+DeepSpeed's launcher does. What it saves: DeepSpeed's launcher imports torch and DeepSpeed twice (its runner, then
+its per-node launcher) before the first worker starts, about 6.5 s a launch on a 2-core CPU (docs/testing.md);
+a test suite of a hundred launches spends ten minutes on that. Run it by its path: it uses the standard library only,
+and `python -m beamlora_ds.testing.spawn` would import the whole package first.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import List, Optional, Tuple
+
+STOP_GRACE_S = 5.0  # how long the others get to exit after SIGTERM before they are killed
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="spawn.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--nproc", type=int, default=1, help="processes on this node")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes of the job")
+    p.add_argument("--node_rank", type=int, default=0, help="this node's place among them")
+    p.add_argument("--master_addr", default="127.0.0.1")
+    p.add_argument("--master_port", type=int, required=True)
+    p.add_argument("script")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    if args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        p.error("need --nproc >= 1, --nnodes >= 1 and 0 <= --node_rank < --nnodes")
+    return args
+
+
+def worker_env(args: argparse.Namespace, local_rank: int) -> dict:
+    """The variables DeepSpeed's launcher gives process `local_rank` of node `args.node_rank`."""
+    return dict(os.environ, RANK=str(args.node_rank * args.nproc + local_rank), LOCAL_RANK=str(local_rank),
+                WORLD_SIZE=str(args.nproc * args.nnodes), LOCAL_SIZE=str(args.nproc), MASTER_ADDR=args.master_addr,
+                MASTER_PORT=str(args.master_port), CROSS_RANK=str(args.node_rank), CROSS_SIZE=str(args.nnodes))
+
+
+def stop(processes: List[Tuple[list, subprocess.Popen]]) -> None:
+    """SIGTERM to every process still running, SIGKILL to those still there after STOP_GRACE_S."""
+    for _, proc in processes:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.time() + STOP_GRACE_S
+    for _, proc in processes:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = parse_args(argv)
+    processes = []
+    for local_rank in range(args.nproc):
+        cmd = [sys.executable, "-u", args.script, f"--local_rank={local_rank}", *args.args]
+        processes.append((cmd, subprocess.Popen(cmd, env=worker_env(args, local_rank))))
+
+    def on_signal(signum, frame):  # the launcher is stopped: so are its processes
+        stop(processes)
+        sys.exit(1)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    alive = list(processes)
+    while alive:
+        for cmd, proc in list(alive):
+            code = proc.poll()
+            if code is None:
+                continue
+            alive.remove((cmd, proc))
+            if code != 0:
+                stop(alive)
+                print(f"{cmd} exits with return code = {code}", file=sys.stderr, flush=True)
+                return code if code > 0 else 128 - code
+        time.sleep(0.05)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
