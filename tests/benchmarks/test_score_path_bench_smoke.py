@@ -4,11 +4,14 @@ import json
 import os
 import sys
 
+import pytest
+
 from beamlora_ds import testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow  # a benchmark run of about 10 s
 def test_score_path_quick(tmp_path):
     out = tmp_path / "score_path.json"
     proc = testing.run([sys.executable, "benchmarks/score_path.py", "--quick", "--json", str(out)], timeout=300,
