@@ -14,7 +14,7 @@ from torch import nn
 from .method.config import BeamLoRAConfig
 from .method.controller import BeamController
 from .method.inject import wrap_targets
-from .backends import select_access
+from .backends import BACKENDS
 from .backends.torch_access import optimizers_holding
 from .backends.wrappers import is_deepspeed_engine, taken_by_engine
 
@@ -31,7 +31,7 @@ def apply(model: nn.Module, config: BeamLoRAConfig) -> BeamController:
     """
     config.validate()
     check_model_before_apply(model)
-    return BeamController(wrap_targets(model, config), config, select_access)
+    return BeamController(wrap_targets(model, config), config, BACKENDS)
 
 
 def check_model_before_apply(model: nn.Module) -> None:

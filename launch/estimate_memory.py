@@ -27,7 +27,7 @@ replicated parts whole), and ZeRO partitions each process's slices over the D da
   BeamLoRA snapshot  host only: 3 x 4 bytes x (A + B) / D per process (fp32 rows/columns + both Adam moments of
                      this rank's shard; docs/architecture.md). The score is not snapshotted.
   activations        see activation_bytes_per_layer() in memory_model.py.
-  ZeRO buffers       reduce buckets: reduce_bucket_size = h^2 elements ("auto" in beamlora_ds/ds_config.py),
+  ZeRO buffers       reduce buckets: reduce_bucket_size = h^2 elements ("auto" in beamlora_ds/train/ds_config_auto.py),
                      bf16; ZeRO-2 with overlap_comm allocates two of them (stage_1_and_2.py buf_0/buf_1),
                      ZeRO-1 (overlap_comm off: DeepSpeed's default below stage 3, ds_configs/tp8_zero1.json) and
                      ZeRO-3 one. ZeRO-3 gather working set (ASSUMPTION): two decoder layers of base weights in
@@ -185,7 +185,8 @@ def estimate(model: ModelShape, cluster: Cluster = Cluster(), training: Training
     adapter = adapter_param_counts(model, training.r, targets, tp)
     act = activation_bytes(model, training.seq, training.micro_batch, training.r, targets,
                            training.gradient_checkpointing, dropout, training.attention, tp)
-    comps = (base_components(model, cluster.stage, cluster.offload, training.quantization, training.double_quant, tp, dp)
+    base = base_components(model, cluster.stage, cluster.offload, training.quantization, training.double_quant, tp, dp)
+    comps = (base
              + adapter_components(adapter, cluster.stage, cluster.offload, tp, dp)
              + activation_components(act, training.gradient_checkpointing)
              + buffer_components(model, cluster.stage, training.quantization, tp, cluster.overhead_gib))

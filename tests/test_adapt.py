@@ -1,4 +1,4 @@
-"""apply()'s order checks in a plain torch process (beamlora_ds/apply_checks.py). The DeepSpeed forms (apply after
+"""apply()'s order checks in a plain torch process (beamlora_ds/adapt.py). The DeepSpeed forms (apply after
 deepspeed.initialize, apply on an engine) run on real engines in tests/distributed/test_misuse.py."""
 import warnings
 

@@ -1,15 +1,15 @@
 """The platforms BeamLoRA trains on, behind the seam of `method/seam.py`: a plain torch optimizer (also plain DDP),
 DeepSpeed (ZeRO 0-3, AutoTP) in `deepspeed/`; what they share (flat runs of rank slots, tensor-parallel
 collectives, process coordination) at this level. A new backend is a folder beside `deepspeed/` and one more case
-in `select_access`."""
+in `select_access` and `Backends`."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..method.layer import BeamLoRALinear
-from ..method.seam import PlatformAccess
-from .deepspeed.zero_access import access_for_engine
-from .torch_access import TorchAccess
+from ..method.seam import Platform, PlatformAccess
+from .deepspeed.zero_access import access_for_engine, engine_steps
+from .torch_access import TorchAccess, adam_steps, optimizers_holding
 from .wrappers import is_deepspeed_engine
 
 
@@ -19,3 +19,22 @@ def select_access(modules: Sequence[BeamLoRALinear], optimizer_or_engine) -> Pla
     if is_deepspeed_engine(optimizer_or_engine):
         return access_for_engine(modules, optimizer_or_engine)
     return TorchAccess(modules, optimizer_or_engine)
+
+
+class Backends(Platform):
+    """The platforms this package knows, as the controller asks for them (method/seam.py)."""
+
+    def access(self, modules, optimizer_or_engine) -> PlatformAccess:
+        return select_access(modules, optimizer_or_engine)
+
+    def optimizer_steps(self, optimizer_or_engine, modules) -> Optional[int]:
+        if is_deepspeed_engine(optimizer_or_engine):
+            return engine_steps(optimizer_or_engine)
+        return adam_steps(optimizer_or_engine, modules)
+
+    def optimizer_holding(self, parameters):
+        holders = optimizers_holding(parameters)
+        return holders[0] if len(holders) == 1 else None
+
+
+BACKENDS = Backends()

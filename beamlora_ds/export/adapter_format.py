@@ -34,7 +34,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 STATE_WEIGHTS = "beamlora_state.safetensors"  # ours: the unfolded A, B and score
 STATE_CONFIG = "beamlora_state.json"
 STATE_FORMAT = "beamlora_ds.adapter"
-STATE_VERSION = 2  # 2: fan_in_fan_out recorded; another version is refused, never converted
+STATE_VERSION = 1  # another version, or a file without fan_in_fan_out (a development version wrote it), is refused
 PEFT_PREFIX = "base_model.model."
 TENSOR_KEYS = ("lora_A", "lora_B", "lora_score")
 
@@ -207,10 +207,10 @@ def load_state(adapter_dir: str) -> AdapterState:
         meta = json.load(f)
     if meta.get("format") != STATE_FORMAT:
         raise ValueError(f"{adapter_dir}/{STATE_CONFIG} is not a BeamLoRA state file.")
-    if meta.get("version") != STATE_VERSION:
-        raise ValueError(f"{adapter_dir}/{STATE_CONFIG} has version {meta.get('version')!r}; this beamlora_ds reads "
-                         f"version {STATE_VERSION} (an earlier development version of beamlora_ds wrote it). Its "
-                         f"{ADAPTER_WEIGHTS} is a stock peft adapter and still loads in peft.")
+    if meta.get("version") != STATE_VERSION or "fan_in_fan_out" not in meta:
+        raise ValueError(f"{adapter_dir}/{STATE_CONFIG} is not the layout this beamlora_ds reads (version "
+                         f"{STATE_VERSION}, with fan_in_fan_out): another or a development version of beamlora_ds "
+                         f"wrote it. Its {ADAPTER_WEIGHTS} is a stock peft adapter and still loads in peft.")
     tensors = load_file(os.path.join(adapter_dir, STATE_WEIGHTS))
     state = AdapterState(r=meta["r"], alpha=meta["alpha"], tau=meta["tau"], dropout=meta["dropout"],
                          fan_in_fan_out=bool(meta["fan_in_fan_out"]))

@@ -15,12 +15,10 @@ from torch import nn
 from ..backends import coordination
 from ..backends.deepspeed.zero_params import full_fp32_param
 from ..backends.tensor_parallel import gather_split
-from ..backends.torch_access import optimizers_holding
 from ..backends.wrappers import unwrap_model
 from ..checkpointing.atomic import out_dir_problem
 from ..method.controller import controller_of
 from ..method.inject import find_beamlora_modules
-from ..method.score_table import score_parameters
 from .adapter_format import (TENSOR_KEYS, AdapterState, base_model_name_of, shared_settings, target_modules_for,
                              task_type_of, write_adapter)
 
@@ -114,15 +112,11 @@ def _check_shape(what: str, tensor: torch.Tensor, shape: Sequence[int]) -> None:
 
 
 def warn_if_step_count_differs(model_or_engine, modules) -> None:
-    """A forgotten or extra beam.step() is told at export, with the numbers: the controller's count against the
-    engine's, or (a plain model) the count of the torch optimizer that holds the scores."""
+    """A forgotten or extra beam.step() is told at export, with the numbers (the engine's count, or for a plain model
+    the optimizer the controller was stepped with, or the one holding the scores)."""
     beam = controller_of(next(iter(modules.values())))
     if beam is None:
         return
-    target = model_or_engine if model_or_engine is not unwrap_model(model_or_engine) else None
-    if target is None and beam.global_step == 0:  # never stepped: find the optimizer it should have been given
-        holders = optimizers_holding(score_parameters(list(modules.values())))
-        target = holders[0] if len(holders) == 1 else None
-    problem = beam.step_count_problem(target)
+    problem = beam.step_count_problem(model_or_engine if model_or_engine is not unwrap_model(model_or_engine) else None)
     if problem and coordination.is_process_zero():
         logger.warning("%s", problem)

@@ -13,7 +13,6 @@ and restores its state with each checkpoint. docs/integration.md has the whole r
 """
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 
@@ -21,6 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..backends import coordination
+from ..backends.deepspeed.internals import frozen_parameters_left_out
 from ..checkpointing.layout import STATE_FILE
 from ..export.adapter_format import STATE_CONFIG, load_state, write_adapter
 from ..export.live import adapter_metadata, adapter_state_from_model, save_adapter
@@ -72,9 +72,8 @@ class BeamLoRATrainerMixin:
     yourself (`class MyTrainer(BeamLoRATrainerMixin, Trainer)`) if you prefer that to attach()'s class change.
 
     The one place beamlora_ds relies on Trainer internals: it overrides three private methods
-    (`_save_optimizer_and_scheduler`, `_load_from_checkpoint`, `_load_best_model`) and, while the first runs, the
-    DeepSpeed engine's `save_checkpoint` (docs/platform.md, "Trainer internals we rely on"; pinned by
-    tests/integrations/test_hf_trainer.py)."""
+    (`_save_optimizer_and_scheduler`, `_load_from_checkpoint`, `_load_best_model`) (docs/platform.md, "Trainer
+    internals we rely on"; pinned by tests/integrations/test_hf_trainer.py)."""
 
     def get_decay_parameter_names(self, model):
         """The Trainer's choice minus every `lora_score`: the score re-weights ranks and is never decayed. With
@@ -120,13 +119,8 @@ class BeamLoRATrainerMixin:
         Trainer's own save, with the engine's save_checkpoint told to exclude frozen parameters meanwhile."""
         if not self.is_deepspeed_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
-        engine = self.model_wrapped
-        engine.save_checkpoint = functools.partial(type(engine).save_checkpoint, engine,
-                                                   exclude_frozen_parameters=True)
-        try:
+        with frozen_parameters_left_out(self.model_wrapped):
             super()._save_optimizer_and_scheduler(output_dir)
-        finally:
-            del engine.save_checkpoint  # the class's method again
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if os.path.isfile(os.path.join(resume_from_checkpoint, STATE_CONFIG)):

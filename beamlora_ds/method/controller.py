@@ -1,8 +1,8 @@
 """BeamController: counts optimizer steps, snapshots at T/2, prunes and refills at T, 2T, ... (docs/method.md 3-4).
 
 It decides with the pure functions of `algorithm.py` and touches parameters and optimizer state only through a
-`PlatformAccess` (seam.py), built for whatever `step()` is given by the selector apply() hands it (the platform
-package's), so the same controller drives a one-process loop and a partitioned multi-process engine.
+`PlatformAccess` (seam.py), built for whatever `step()` is given by the `Platform` apply() hands it (the backends'),
+so the same controller drives a one-process loop and a partitioned multi-process engine.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from ..testing.failpoints import kill_point
 from . import algorithm
 from .config import RESUME_FIELDS, BeamLoRAConfig
 from .layer import BeamLoRALinear
-from .seam import AccessSelector, PlatformAccess
+from .score_table import score_parameters
+from .seam import Platform, PlatformAccess
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def controller_of(module: torch.nn.Module) -> Optional["BeamController"]:
 class BeamController:
     """Call `step(optimizer_or_engine)` once after every optimizer step; read `history` for the resets."""
 
-    def __init__(self, modules: Dict[str, BeamLoRALinear], config: BeamLoRAConfig, select_access: AccessSelector):
+    def __init__(self, modules: Dict[str, BeamLoRALinear], config: BeamLoRAConfig, platform: Platform):
         if not modules:
             raise ValueError("BeamController needs at least one BeamLoRALinear module")
         self.config = config.validate()
@@ -45,7 +46,7 @@ class BeamController:
         self.modules: List[BeamLoRALinear] = list(modules.values())
         self.global_step = 0
         self.history: List[dict] = []
-        self._select_access = select_access
+        self._platform = platform
         self._snapshot: Optional[dict] = None
         self._snapshot_step: Optional[int] = None
         self._access: Optional[PlatformAccess] = None
@@ -98,7 +99,7 @@ class BeamController:
     def access_for(self, optimizer_or_engine) -> PlatformAccess:
         """The platform seam this controller uses for `optimizer_or_engine` (made once per engine or optimizer)."""
         if self._access is None or self._access_owner != id(optimizer_or_engine):
-            self._access = self._select_access(self.modules, optimizer_or_engine)
+            self._access = self._platform.access(self.modules, optimizer_or_engine)
             self._access_owner = id(optimizer_or_engine)
             self._stepped_ref = _weak(optimizer_or_engine)
             decayed = self._decayed_scores(self._access)
@@ -117,11 +118,14 @@ class BeamController:
 
     def step_count_problem(self, optimizer_or_engine=None) -> Optional[str]:
         """A message when `step()` was skipped or called extra times: this controller's step count differs from
-        the optimizer's own (`optimizer_or_engine`, else the one last given to step()). None when they agree, the
-        optimizer keeps no count, or there is none to ask. save_checkpoint and save_adapter log it as a warning."""
+        the optimizer's own (`optimizer_or_engine`, else the one last given to step(), else the one live optimizer
+        holding the scores). None when they agree or the optimizer keeps no count. save_checkpoint and save_adapter
+        log it as a warning."""
         target = optimizer_or_engine if optimizer_or_engine is not None else (
             self._stepped_ref() if self._stepped_ref is not None else None)
-        steps = self._optimizer_steps(target) if target is not None else None
+        if target is None:  # step() was never called: the optimizer it should have been given
+            target = self._platform.optimizer_holding(score_parameters(self.modules))
+        steps = self._platform.optimizer_steps(target, self.modules) if target is not None else None
         if steps is None or steps == self.global_step:
             return None
         how = ("beam.step() was not called after some optimizer steps" if steps > self.global_step
@@ -130,15 +134,6 @@ class BeamController:
                 "beam.step(engine) (or beam.step(optimizer)) exactly once after every optimizer step, on every "
                 "process; snapshots and resets follow BeamLoRA's count, so they are now off by "
                 f"{abs(steps - self.global_step)} steps.")
-
-    def _optimizer_steps(self, target) -> Optional[int]:
-        """The optimizer's own count, asked through the seam (an access made only to ask, never kept)."""
-        if self._access is not None and self._access_owner == id(target):
-            return self._access.optimizer_steps()
-        try:
-            return self._select_access(self.modules, target).optimizer_steps()
-        except (TypeError, ValueError):  # not an optimizer of these modules: nothing to compare with
-            return None
 
     def _importance(self, stats) -> torch.Tensor:
         if self.config.importance == "score":

@@ -135,28 +135,29 @@ class BeamLoRALinear(nn.Module):
     @property
     def lora_score(self) -> torch.Tensor:
         """This layer's r score logits: its own parameter, or (after apply()) a view of its row of the table."""
-        own = self._parameters.get("lora_score")
-        if own is not None:
-            return own
-        if self._score_table is not None:
-            return self._score_table.lora_score[self._score_index]
-        raise AttributeError("lora_score")
+        own = self._own_score()
+        return own if own is not None else self._score_table.lora_score[self._score_index]
 
     @property
     def score_parameter(self) -> nn.Parameter:
         """The parameter that holds this layer's score: its own (r,), or the model's (modules x r) table."""
-        own = self._parameters.get("lora_score")
+        own = self._own_score()
         return own if own is not None else self._score_table.lora_score
 
     @property
     def score_row(self):
         """This layer's row in `score_parameter`, or None when the layer owns its score."""
-        return None if "lora_score" in self._parameters else self._score_index
+        return None if self._score_table is None else self._score_index
+
+    def _own_score(self):
+        """The layer's own score parameter, None once it uses a table. A registered parameter is found by
+        nn.Module's attribute lookup, which this class's property of the same name comes before."""
+        return nn.Module.__getattr__(self, "lora_score") if self._score_table is None else None
 
     def use_score_table(self, table, index: int) -> None:
         """Keep this layer's score in row `index` of `table` (its current values move there) instead of its own
         parameter: the rank weights then come from the table's once-per-forward computation."""
-        own = self._parameters.get("lora_score")
+        own = self._own_score()
         if own is None:
             raise ValueError("This BeamLoRALinear already uses a score table.")
         if table.r != self.r or table.tau != self.tau:
@@ -164,7 +165,7 @@ class BeamLoRALinear(nn.Module):
                              f"tau={self.tau}. One table serves layers of one BeamLoRAConfig.")
         with torch.no_grad():
             table.lora_score[index].copy_(own)
-        del self._parameters["lora_score"]
+        delattr(self, "lora_score")  # the parameter leaves the module (nn.Module.__delattr__)
         self.__dict__["_score_table"], self.__dict__["_score_index"] = table, index  # not a submodule
 
     def rank_weights(self) -> torch.Tensor:

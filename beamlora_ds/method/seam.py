@@ -3,8 +3,9 @@
 The controller decides every reset with the pure functions of `algorithm.py` and touches parameters and optimizer
 state only through a `PlatformAccess`: one flat read of the score logits (or per-rank sums of squares), a snapshot
 of A, B and their optimizer moments, and in-place writes of whole rank rows of A, columns of B, score logits and
-moments. The implementations live in `beamlora_ds/backends/` (a plain torch optimizer; DeepSpeed ZeRO 1-3);
-another platform is another implementation of this class, and nothing in `method/` changes.
+moments. The implementations live in `beamlora_ds/backends/` (a plain torch optimizer; DeepSpeed ZeRO 0-3), which
+also answers the controller's questions before any access exists (`Platform`); another platform is another
+implementation of these classes, and nothing in `method/` changes.
 
 "Moments" are all per-parameter optimizer state tensors shaped like the parameter (Adam's exp_avg and exp_avg_sq,
 AMSGrad's max_exp_avg_sq, SGD's momentum_buffer); scalars such as Adam's step are never touched.
@@ -12,7 +13,7 @@ AMSGrad's max_exp_avg_sq, SGD's momentum_buffer); scalars such as Adam's step ar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -74,6 +75,19 @@ class PlatformAccess:
         return True
 
 
-# What builds the access for whatever `beam.step()` is given: (modules, optimizer or engine) -> PlatformAccess.
-# beamlora_ds.backends provides it (select_access); apply() hands it to the controller.
-AccessSelector = Callable[[Sequence[BeamLoRALinear], object], PlatformAccess]
+class Platform:
+    """What the controller asks the training platform before it has an access: the access itself for whatever
+    `beam.step()` is given, and, for the misuse checks, the optimizer's own step count and which optimizer holds
+    the scores. beamlora_ds.backends provides the one apply() hands the controller."""
+
+    def access(self, modules: Sequence[BeamLoRALinear], optimizer_or_engine) -> PlatformAccess:
+        """The seam for a torch optimizer or an engine (checked: every adapter parameter must be trained by it)."""
+        raise NotImplementedError
+
+    def optimizer_steps(self, optimizer_or_engine, modules: Sequence[BeamLoRALinear]) -> Optional[int]:
+        """How many updates the optimizer or engine counted itself (None when it keeps no count); no checks."""
+        raise NotImplementedError
+
+    def optimizer_holding(self, parameters) -> Optional[object]:
+        """The one live optimizer that holds any of `parameters`, or None (none, or several)."""
+        raise NotImplementedError

@@ -232,19 +232,6 @@ def launch_for_json(script: str, args: Iterable, out_flag: str, **launch_kwargs)
             return json.load(f)
 
 
-def launch_runs(worker: str, folder: str, runs: dict, nproc: int, timeout: float) -> dict:
-    """A test worker that trains several runs in one launch (`--runs spec.json --out results.pt`, rank 0 writes
-    the results with torch.save): the spec written into `folder`, the launch, its exit code checked; the results."""
-    import torch
-
-    spec, out = os.path.join(folder, f"runs{nproc}.json"), os.path.join(folder, f"results{nproc}.pt")
-    with open(spec, "w") as f:
-        json.dump(runs, f)
-    proc = run(spawn_command(worker, ["--runs", spec, "--out", out], nproc), timeout=timeout, cwd=folder)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out, weights_only=False)
-
-
 def node_commands(script: str, port: int, args_per_node: Sequence[Sequence], hostfile: Optional[str] = None
                   ) -> List[List[str]]:
     """One command per node of a job of one process per node, all on this machine (start them with run_together):

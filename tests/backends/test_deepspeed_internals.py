@@ -96,6 +96,13 @@ def test_checkpoint_writes_wrapped():
     assert "self.checkpoint_engine.save(" in source_of(DeepSpeedEngine)
 
 
+def test_frozen_parameters_left_out():
+    """engine.save_checkpoint takes `exclude_frozen_parameters`, which the Trainer does not pass."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    assert "exclude_frozen_parameters" in parameters(DeepSpeedEngine.save_checkpoint)
+
+
 def test_convert_to_universal_files():
     """`ds_to_universal.main(args)` reads exactly the arguments internals.py passes it."""
     from deepspeed.checkpoint import ds_to_universal

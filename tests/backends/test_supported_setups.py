@@ -35,7 +35,7 @@ def test_refused_with_the_fix(args, kwargs, words):
     with pytest.raises(UnsupportedSetupError) as refused:
         check_zero_support(*args, **kwargs)
     assert words in str(refused.value)
-    assert isinstance(refused.value, ValueError)  # what callers that predate support.py catch
+    assert isinstance(refused.value, ValueError)  # what callers that catch ValueError expect
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

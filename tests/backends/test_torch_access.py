@@ -1,5 +1,6 @@
-"""TorchAccess, the plain-torch side of the platform seam (beamlora_ds/access.py): what the controller reads and
-writes, checked against tensors the test computes itself. The controller's use of it is in test_controller.py."""
+"""TorchAccess, the plain-torch side of the platform seam (beamlora_ds/backends/torch_access.py): what the controller
+reads and writes, checked against tensors the test computes itself. The controller's use of it is in
+tests/method/test_controller.py."""
 import pytest
 import torch
 

@@ -38,7 +38,7 @@ def ds_config(stage):
 
 
 def full_fp32(param, stage):
-    """DeepSpeed's own view of the trained tensor (the fp32 master), independent of zero_access.full_fp32_param."""
+    """DeepSpeed's own view of the trained tensor (the fp32 master), independent of zero_params.full_fp32_param."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     return (safe_get_full_fp32_param(param) if stage > 0 else param.detach()).float().cpu().clone()

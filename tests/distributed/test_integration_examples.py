@@ -1,7 +1,8 @@
-"""The two complete scripts docs/integration.md shows, run as a user would: examples/train_deepspeed.py under
-`deepspeed --num_gpus 2` (ZeRO-2; a run stopped between a snapshot and its reset and resumed ends with the
-adapter of the run that never stopped) and examples/train_trainer.py; both adapters load in stock peft."""
+"""The two complete scripts docs/integration.md shows, run as a user would: examples/train_deepspeed.py in 2
+processes (ZeRO-2; resumed from its checkpoint between a snapshot and its reset, it ends with the adapter of the run
+that never stopped) and examples/train_trainer.py; both adapters load in stock peft."""
 import os
+import shutil
 import sys
 
 import torch
@@ -13,10 +14,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def run_ds_example(out, *extra):
     cmd = testing.spawn_command(os.path.join(ROOT, "examples", "train_deepspeed.py"),
-                                    ["--out", out, "--steps", 16, "--interval", 4, "--save_every", 4, *extra], 2)
+                                ["--out", out, "--steps", 16, "--interval", 4, "--save_every", 2, *extra], 2)
     proc = testing.run(cmd, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+def as_stopped_after(full, part, step):
+    """`part` as the run in `full` stood after its checkpoint of `step`: later checkpoints and the adapter not
+    written yet, `latest` naming that checkpoint (what the example's --stop_at leaves)."""
+    shutil.copytree(full, part)
+    checkpoints = os.path.join(part, "checkpoints")
+    for name in os.listdir(checkpoints):
+        if name.startswith("global_step") and int(name[len("global_step"):]) > step:
+            shutil.rmtree(os.path.join(checkpoints, name))
+    shutil.rmtree(os.path.join(part, "adapter"))
+    with open(os.path.join(checkpoints, "latest"), "w") as f:
+        f.write(f"global_step{step}")
 
 
 def adapter_tensors(folder):
@@ -46,7 +60,7 @@ def test_deepspeed_example_trains_resets_and_resumes_exactly(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     said = run_ds_example(full)
     assert said.count("reset moved") == 3 and "done: 16 steps, 3 resets" in said  # resets at 4, 8, 12
-    run_ds_example(part, "--stop_at", 10)  # snapshot at 10, its reset at 12
+    as_stopped_after(full, part, 10)  # snapshot at 10, its reset at 12
     resumed = run_ds_example(part, "--resume")
     assert "done: 16 steps, 3 resets" in resumed
     expected, got = adapter_tensors(os.path.join(full, "adapter")), adapter_tensors(os.path.join(part, "adapter"))

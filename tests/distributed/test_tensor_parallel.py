@@ -14,13 +14,13 @@ import pytest
 import torch
 
 import tp_worker as worker
-from beamlora_ds import testing
+from train_runs import launch_runs
 
 TIMEOUT_S = 420
 
 
 def launch(folder, runs, nproc):
-    return testing.launch_runs(worker.__file__, folder, runs, nproc, TIMEOUT_S)
+    return launch_runs(worker.__file__, folder, runs, nproc, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

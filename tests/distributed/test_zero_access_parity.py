@@ -1,5 +1,5 @@
 """ZeroAccess in real 2-process DeepSpeed runs (CPU, gloo) against the single-process plain-torch run of the same
-training (beamlora_ds/zero_access.py against access.py's TorchAccess).
+training (backends/deepspeed/zero_access.py against backends/torch_access.py's TorchAccess).
 
 Each process trains on its half of every global batch, so with fp32 the ZeRO run must follow the
 single-process run up to reduction-order rounding: identical pruned sets at every reset, adapter weights equal
@@ -11,7 +11,7 @@ import os
 import pytest
 
 import zero_access_worker as worker
-from beamlora_ds import testing
+from train_runs import launch_runs
 
 TIMEOUT_S = 300
 
@@ -33,7 +33,7 @@ def two_process_runs(ckpt):
 
 
 def launch(folder, runs, nproc):
-    return testing.launch_runs(worker.__file__, folder, runs, nproc, TIMEOUT_S)
+    return launch_runs(worker.__file__, folder, runs, nproc, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,9 @@
-"""launch/train.py in several processes from the tests here: the command, the tiny run they share, its log."""
+"""How the tests here launch their processes: launch/train.py (the command, the tiny run they share, its log) and
+the workers that train several runs in one launch."""
 import json
 import os
+
+import torch
 
 from beamlora_ds import testing
 
@@ -23,3 +26,15 @@ def read_log(out_dir):
     """Every record of a run's log.jsonl, as written (a resumed run's redone steps included)."""
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def launch_runs(worker, folder, runs: dict, nproc: int, timeout: float) -> dict:
+    """A test worker that trains several runs in one launch (`--runs spec.json --out results.pt`, rank 0 writes
+    the results with torch.save): the spec written into `folder`, the launch, its exit code checked; the results."""
+    spec, out = os.path.join(folder, f"runs{nproc}.json"), os.path.join(folder, f"results{nproc}.pt")
+    with open(spec, "w") as f:
+        json.dump(runs, f)
+    proc = testing.run(testing.spawn_command(worker, ["--runs", spec, "--out", out], nproc), timeout=timeout,
+                       cwd=folder)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return torch.load(out, weights_only=False)

@@ -112,15 +112,15 @@ def test_write_adapter_round_trips_through_load_state(tmp_path):
 
 
 def test_load_state_refuses_a_foreign_state_file(tmp_path):
-    (tmp_path / "beamlora_state.json").write_text(json.dumps({"format": "something else", "version": 2}))
+    (tmp_path / "beamlora_state.json").write_text(json.dumps({"format": "something else", "version": 1}))
     with pytest.raises(ValueError, match="is not a BeamLoRA state file"):
         load_state(str(tmp_path))
 
 
-def test_fan_in_fan_out_goes_into_both_configs_and_another_state_version_is_refused(tmp_path):
+def test_fan_in_fan_out_goes_into_both_configs_and_another_layout_is_refused(tmp_path):
     """peft's fan_in_fan_out (GPT-2 style Conv1D bases) is written to adapter_config.json and beamlora_state.json and
-    read back; a state file of another version (1: from before fan_in_fan_out was recorded) is refused, naming the
-    peft files that still load."""
+    read back; a state file without it (a development version before Conv1D support wrote it) or of another
+    version is refused, naming the peft files that still load."""
     g = torch.Generator().manual_seed(0)
     state = AdapterState(r=2, alpha=4.0, tau=0.1, fan_in_fan_out=True,
                          lora_A={"c_attn": torch.randn(2, 3, generator=g)},
@@ -130,8 +130,7 @@ def test_fan_in_fan_out_goes_into_both_configs_and_another_state_version_is_refu
     assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     meta = json.loads((out / "beamlora_state.json").read_text())
     assert meta["fan_in_fan_out"] is True and load_state(str(out)).fan_in_fan_out is True
-    del meta["fan_in_fan_out"]
-    (out / "beamlora_state.json").write_text(json.dumps(dict(meta, version=1)))
-    with pytest.raises(ValueError, match="has version 1; this beamlora_ds reads version 2.*adapter_model.safetensors"):
-        load_state(str(out))
-    assert AdapterState(r=2, alpha=4.0, tau=0.1).fan_in_fan_out is False
+    for other in ({k: v for k, v in meta.items() if k != "fan_in_fan_out"}, dict(meta, version=2)):
+        (out / "beamlora_state.json").write_text(json.dumps(other))
+        with pytest.raises(ValueError, match="is not the layout this beamlora_ds reads.*adapter_model.safetensors"):
+            load_state(str(out))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 from typing import Callable, Iterator, Optional, Tuple
 
 import torch
@@ -100,6 +101,17 @@ def checkpoint_writes_wrapped(engine, wrap: Callable[[Callable], Callable]) -> I
         yield
     finally:
         del checkpoint_engine.save  # the class's method again
+
+
+@contextlib.contextmanager
+def frozen_parameters_left_out(engine) -> Iterator[None]:
+    """While inside, engine.save_checkpoint(...) leaves the frozen parameters out (exclude_frozen_parameters=True),
+    whoever calls it: the HF Trainer calls it itself, without that argument."""
+    engine.save_checkpoint = functools.partial(type(engine).save_checkpoint, engine, exclude_frozen_parameters=True)
+    try:
+        yield
+    finally:
+        del engine.save_checkpoint  # the class's method again
 
 
 def convert_to_universal_files(input_folder: str, output_folder: str) -> None:
