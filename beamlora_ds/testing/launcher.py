@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 NATIVE_CRASH = "terminate called without an active exception"
 SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*"
@@ -178,12 +178,14 @@ RETRIED = "\n--- the launch aborted natively (no Python error) and was run again
 
 
 def run(cmd: Sequence, timeout: float, cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-        echo_prefix: Optional[str] = None) -> subprocess.CompletedProcess:
+        echo_prefix: Optional[str] = None, before_retry: Optional[Callable[[], None]] = None
+        ) -> subprocess.CompletedProcess:
     """Run a (multi-process) command, capturing stdout and stderr; returns the CompletedProcess whatever the exit.
 
     Kills the whole process group and raises subprocess.TimeoutExpired after `timeout` seconds. A native abort with
     no Python error is retried once on a new master port (the returned output is then both tries', joined by
-    RETRIED); a Python exception, failed assertion or timeout is not. A retry runs the command again as it is: a
+    RETRIED); a Python exception, failed assertion or timeout is not. A retry runs the command again as it is, after
+    `before_retry()` (e.g. removing what a fresh run's first try wrote, so that the second starts fresh too): a
     launch that resumes from `latest` then resumes from what the first try wrote, so name the checkpoint where the
     step it resumes from matters.
     Lines of stdout starting with `echo_prefix` are printed as they arrive (without the prefix).
@@ -192,6 +194,8 @@ def run(cmd: Sequence, timeout: float, cwd: Optional[str] = None, env: Optional[
     output = proc.stdout + proc.stderr
     if proc.returncode != 0 and NATIVE_CRASH in output and "Traceback" not in output:
         print(f"retrying a launch that aborted natively: {' '.join(map(str, cmd))[:200]}", file=sys.stderr)
+        if before_retry is not None:
+            before_retry()
         port = free_port()
         cmd = _with_port(cmd, port)
         if env is not None and "MASTER_PORT" in env:

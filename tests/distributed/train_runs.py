@@ -2,6 +2,7 @@
 the workers that train several runs in one launch."""
 import json
 import os
+import shutil
 
 import torch
 
@@ -19,7 +20,9 @@ def launch_train(out_dir, *args, nproc=2, timeout=300, env=None, launcher="spawn
     `deepspeed --num_gpus nproc` starts them (launcher "spawn", without its start-up) or by `deepspeed` itself
     (launcher "deepspeed": the command the README documents)."""
     command = testing.deepspeed_command if launcher == "deepspeed" else testing.spawn_command
-    return testing.run(command(TRAIN, ["--output_dir", out_dir, *args], nproc), timeout=timeout, cwd=ROOT, env=env)
+    fresh = "--resume" not in args and not (os.path.isdir(out_dir) and os.listdir(out_dir))  # so is its retry
+    return testing.run(command(TRAIN, ["--output_dir", out_dir, *args], nproc), timeout=timeout, cwd=ROOT, env=env,
+                       before_retry=(lambda: shutil.rmtree(out_dir, ignore_errors=True)) if fresh else None)
 
 
 def read_log(out_dir):

@@ -96,14 +96,17 @@ def test_run_retries_a_native_abort_once_on_a_new_port_but_not_a_python_error(tm
     script.write_text(FAKE_LAUNCH.format(crash=testing.NATIVE_CRASH, traceback=traceback))
     counter, port = tmp_path / "attempts", testing.free_port()
     env = testing.single_process_env(port)
-    proc = testing.run([sys.executable, script, counter, "--master_port", port], timeout=60, env=env)
+    retried = []
+    proc = testing.run([sys.executable, script, counter, "--master_port", port], timeout=60, env=env,
+                       before_retry=lambda: retried.append(int(counter.read_text())))
     attempts = int(counter.read_text())
     ports = [line.split() for line in (tmp_path / "attempts.ports").read_text().splitlines()]
     if traceback:
-        assert proc.returncode != 0 and attempts == 1
+        assert proc.returncode != 0 and attempts == 1 and retried == []
     else:
         assert proc.returncode == 0 and proc.stdout.endswith(testing.RETRIED + "ok\n") and attempts == 2
         assert ports[0] == [str(port)] * 2 and ports[1][0] == ports[1][1] != str(port)
+        assert retried == [1]  # before_retry ran once, between the two tries
 
 
 def test_spawn_starts_the_processes_deepspeed_would_and_stops_them_when_one_fails(tmp_path):
@@ -114,7 +117,7 @@ def test_spawn_starts_the_processes_deepspeed_would_and_stops_them_when_one_fail
     script.write_text(
         "import os, sys, time\n"
         "keys = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'LOCAL_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'CROSS_RANK')\n"
-        "print(' '.join(os.environ[k] for k in keys), sys.argv[1:], flush=True)\n"
+        "sys.stdout.write(' '.join(os.environ[k] for k in keys) + ' ' + str(sys.argv[1:]) + '\\n')\n"  # one write: lines of two processes never interleave
         "if 'fail' in sys.argv and os.environ['LOCAL_RANK'] == '1':\n"
         "    os.kill(os.getpid(), 9)\n"
         "if 'fail' in sys.argv:\n"
