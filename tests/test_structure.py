@@ -388,3 +388,16 @@ def test_cited_documents_exist():
         if "../shared" in text:
             missing.add(f"{os.path.relpath(path, ROOT)} refers to ../shared")
     assert not missing, sorted(missing)
+
+
+def test_the_suite_times_are_quoted_alike():
+    """README, setup.cfg and docs/testing.md quote the same measured times for the full suite and the quick tier."""
+    quoted = {}
+    for name, full, quick in (
+            ("README.md", r"the test suite, about (\d+) min", r'-m "not slow"` \(about (\d+) s'),
+            ("setup.cfg", r"the full suite about (\d+) min", r"takes about (\d+) s on 2 cores"),
+            ("docs/testing.md", r"the full suite: about (\d+) min", r"the quick tier: about (\d+) s")):
+        with open(os.path.join(ROOT, name)) as f:
+            text = f.read()
+        quoted[name] = (re.search(full, text).group(1), re.search(quick, text).group(1))
+    assert len(set(quoted.values())) == 1, quoted
