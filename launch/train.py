@@ -94,7 +94,7 @@ def check(args) -> RunState:
     state.world = processes.launched_world_size(os.environ)
     check_tensor_parallel(tp, state.world, args, early_beam_config)
     state.config = resolve_batch(args, raw_config, state.replicas)
-    check_resume_batch(args, state.config, state.replicas, state.world)
+    check_resume_batch(args, state.config, state.replicas)
     state.precision = dsc.precision(state.config)
     check_zero_support(stage, state.precision, dsc.offload_param_device(raw_config), cli=True,
                        four_bit=args.quantization == "nf4")
@@ -141,7 +141,7 @@ def connect(state: RunState):
     if state.world != announced:
         check_tensor_parallel(state.tp, state.world)
         state.config = resolve_batch(state.args, state.raw_config, state.replicas)
-        check_resume_batch(state.args, state.config, state.replicas, state.world)
+        check_resume_batch(state.args, state.config, state.replicas)
     check_shared_folder(state.args.output_dir, dsc.node_local_storage(state.raw_config), UsageError)
     # on every process, whatever its own cache showed before connecting: the conversion's barrier must pair up
     path = models.model_path(state.name, state.rank, barrier=dist.barrier)

@@ -189,7 +189,7 @@ def global_batch_record(config: dict, replicas: int) -> dict:
             "accumulation": config["gradient_accumulation_steps"], "data_parallel": replicas}
 
 
-def check_resume_batch(args, config: dict, replicas: int, world_size: int) -> None:
+def check_resume_batch(args, config: dict, replicas: int) -> None:
     """A resume may split the global batch otherwise (another number of GPUs: a new micro-batch or accumulation),
     never change it unless asked: the data order and the run it continues are defined by it (data.micro_batches)."""
     before = saved_run_args(args.output_dir) if args.resume else None
