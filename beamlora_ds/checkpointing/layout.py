@@ -44,11 +44,6 @@ def read_latest(load_dir: str) -> Optional[str]:
         return None
 
 
-def saved_world_size(folder: str) -> int:
-    """How many processes wrote the checkpoint in `folder`: one BeamLoRA state file each."""
-    return sum(1 for name in os.listdir(folder) if STATE_PATTERN.match(name))
-
-
 def state_files(folder: str) -> List[str]:
     """The checkpoint's BeamLoRA state files in rank order; a gap (a lost file) is an error naming it."""
     found = sorted((int(STATE_PATTERN.match(n).group(1)), n) for n in os.listdir(folder) if STATE_PATTERN.match(n))

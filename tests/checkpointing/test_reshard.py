@@ -1,5 +1,7 @@
 """reshard.py's pure parts: a snapshot's per-process shards cut again for another number of processes, and the
-checkpoint's state files counted (the DeepSpeed side runs in tests/distributed/test_elastic_resume.py)."""
+checkpoint's state files listed (the DeepSpeed side runs in tests/distributed/test_elastic_resume.py)."""
+import os
+
 import pytest
 import torch
 
@@ -48,10 +50,12 @@ def test_a_whole_tensor_snapshot_is_the_same_everywhere():
     assert reshard.recut_snapshot([whole, whole], [], 1) is whole
 
 
-def test_state_files_are_counted_and_a_gap_is_named(tmp_path):
-    for rank in (0, 1, 3):
+def test_state_files_are_listed_in_rank_order_and_a_gap_is_named(tmp_path):
+    for rank in (10, 2, 0, 1, 3, 4, 5, 6, 7, 8, 9):
         (tmp_path / f"beamlora_state_rank{rank}.pt").write_bytes(b"")
     (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"")
-    assert layout.saved_world_size(str(tmp_path)) == 3
+    assert [os.path.basename(p) for p in layout.state_files(str(tmp_path))] == \
+        [f"beamlora_state_rank{rank}.pt" for rank in range(11)]
+    (tmp_path / "beamlora_state_rank2.pt").unlink()
     with pytest.raises(FileNotFoundError, match="beamlora_state_rank2.pt is missing"):
         layout.state_files(str(tmp_path))
