@@ -29,7 +29,7 @@ method/controller.py):
       K*S: the full-length gather buffer (zero-filled, all-reduced, sliced) and, where the working copy is whole on
            every process, its writes: copying at memory speed, on every process, so not / W
       K*S/W: gathering and writing this process's part of the moved rows and columns: interval arithmetic on its
-           fragment (beamlora_ds/flat_runs.py), so only what it holds (before: full-length position masks)
+           fragment (beamlora_ds/backends/flat_runs.py), so only what it holds (before: full-length position masks)
       K*A/W: A = r * (d_in + d_out) summed over touched modules; ZeRO-3 writes clone each process's partition
 The constants are fitted (non-negative least squares, relative error) on the measured resets with W <= CPU cores.
 For the extrapolation, a and b are replaced by the stated interconnect, plus the host<->GPU copies of both

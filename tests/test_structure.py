@@ -390,6 +390,40 @@ def test_cited_documents_exist():
     assert not missing, sorted(missing)
 
 
+SOURCE_CITATION = re.compile(r"(?<![\w./-])((?:[A-Za-z_]\w*/)+\w+\.py)\b")
+
+
+def _cited_source_exists(cited: str, shipped: list) -> bool:
+    """`cited` (a path like `backends/flat_runs.py`) names a file of this repository (its path, or the tail of one),
+    or a file inside the installed third-party package its first part names (`deepspeed/launcher/runner.py`)."""
+    if any(rel == cited or rel.endswith("/" + cited) for rel in shipped):
+        return True
+    import importlib.util
+
+    package = cited.split("/")[0]
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None:  # a package not installed here (megatron without the extra): cannot be checked
+        return True
+    places = list(spec.submodule_search_locations or [])
+    return any(os.path.isfile(os.path.join(place, *cited.split("/")[1:])) for place in places)
+
+
+def test_cited_source_files_exist():
+    """A comment or document that cites a source file by path cites one that exists: in the repository (a file
+    moved in a restructure leaves no stale path behind) or in the third-party package it names."""
+    shipped = [os.path.relpath(p, ROOT) for p in _source_files()]
+    documents = [os.path.join(ROOT, "README.md")] + [os.path.join(ROOT, "docs", n)
+                                                      for n in sorted(os.listdir(os.path.join(ROOT, "docs")))]
+    missing = set()
+    for path in list(_source_files()) + [p for p in documents if p.endswith(".md")]:
+        with open(path, errors="replace") as f:
+            text = f.read()
+        for cited in set(SOURCE_CITATION.findall(text)):
+            if not _cited_source_exists(cited, shipped):
+                missing.add(f"{os.path.relpath(path, ROOT)} cites {cited}")
+    assert not missing, sorted(missing)
+
+
 def test_the_suite_times_are_quoted_alike():
     """README, setup.cfg and docs/testing.md quote the same measured times for the full suite and the quick tier."""
     quoted = {}

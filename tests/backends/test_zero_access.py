@@ -1,6 +1,6 @@
-"""ZeroAccess's in-process parts (beamlora_ds/zero_access.py): the ZeRO-3 persistence threshold and its warning, and
-the refusal of a stage it cannot edit. Real multi-process resets against the single-process run are in
-tests/distributed/test_zero_access_parity.py."""
+"""ZeroAccess's in-process parts (beamlora_ds/backends/deepspeed/zero_access.py): the ZeRO-3 persistence threshold
+and its warning, and the refusal of a stage it cannot edit. Real multi-process resets against the single-process
+run are in tests/distributed/test_zero_access_parity.py."""
 import logging
 
 import pytest

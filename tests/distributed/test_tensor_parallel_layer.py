@@ -1,8 +1,8 @@
-"""BeamLoRALinear split for tensor parallelism (beamlora_ds/tensor_parallel.py), in plain torch.distributed on 2 gloo
-processes: a column-parallel layer followed by a row-parallel one (an MLP's up and down projections, uneven split
-7 + 5) gives the unsplit pair's output, and every adapter gradient equals the unsplit one (the split factor's
-gradient equals the matching slice). No DeepSpeed: the bases are split by hand here; the DeepSpeed AutoTP path is
-tested in tests/distributed/test_tensor_parallel.py."""
+"""BeamLoRALinear split for tensor parallelism (beamlora_ds/backends/tensor_parallel.py), in plain torch.distributed
+on 2 gloo processes: a column-parallel layer followed by a row-parallel one (an MLP's up and down projections,
+uneven split 7 + 5) gives the unsplit pair's output, and every adapter gradient equals the unsplit one (the split
+factor's gradient equals the matching slice). No DeepSpeed: the bases are split by hand here; the DeepSpeed AutoTP
+path is tested in tests/distributed/test_tensor_parallel.py."""
 import copy
 import os
 

@@ -1,6 +1,7 @@
-"""The model-level score table (beamlora_ds/score_table.py, docs/fused_score_design.md) against its oracle: the same
-model with standalone BeamLoRALinear layers, each owning its score and computing its own softmax (docs/method.md
-section 1). Outputs and gradients must agree, with and without gradient checkpointing and accumulation."""
+"""The model-level score table (beamlora_ds/method/score_table.py, docs/fused_score_design.md) against its oracle:
+the same model with standalone BeamLoRALinear layers, each owning its score and computing its own softmax
+(docs/method.md section 1). Outputs and gradients must agree, with and without gradient checkpointing and
+accumulation."""
 import copy
 
 import pytest

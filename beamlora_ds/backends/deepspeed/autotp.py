@@ -10,7 +10,7 @@ weight, or split lora_A along r. So before initialize we split the layers BeamLo
 DeepSpeed's own layers (`LinearLayer` column-parallel, `LinearAllreduce` row-parallel), the kind each gets from
 the same plan AutoTP reads and the same partition sizes; mark them replaced so AutoTP leaves them alone; and
 AutoTP splits everything else inside initialize. Which adapter factor is split, and the collectives, are in
-platform/tensor_parallel.py. Facts about DeepSpeed this relies on: docs/platform.md#tensor-parallelism-autotp.
+backends/tensor_parallel.py. Facts about DeepSpeed this relies on: docs/platform.md#tensor-parallelism-autotp.
 """
 from __future__ import annotations
 

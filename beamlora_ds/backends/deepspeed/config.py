@@ -38,7 +38,7 @@ def zero_stage(config: Optional[Dict[str, Any]]) -> int:
 
 def precision(config: Dict[str, Any]) -> str:
     """"bf16", "fp16" or "fp32": what an engine built from a resolved config (no "auto" left in its bf16/fp16
-    sections; resolve_auto has refused both at once) trains in."""
+    sections; train/ds_config_auto.py has refused both at once) trains in."""
     if config.get("fp16", {}).get("enabled") is True:
         return "fp16"
     return "bf16" if bool(config.get("bf16", {}).get("enabled", False)) else "fp32"
