@@ -252,7 +252,7 @@ def dotted(node) -> str:
     return ".".join([node.id] + parts[::-1]) if isinstance(node, ast.Name) else ""
 
 
-def testing_imports_beyond_the_standard_library(sources):
+def non_stdlib_imports_in_testing(sources):
     """testing/ is the floor every layer may call: the standard library only (and itself)."""
     found = []
     for path, source in sources.items():
@@ -281,7 +281,7 @@ def oversized(sources):
 
 
 RULES = (layer_violations, import_cycles, private_names_across_modules, third_party_internals,
-         platform_imports_in_the_method, testing_imports_beyond_the_standard_library, oversized)
+         platform_imports_in_the_method, non_stdlib_imports_in_testing, oversized)
 
 
 # ---------------------------------------------------------------------------------------------- the tree
@@ -347,7 +347,7 @@ PLANTED = {
     (platform_imports_in_the_method, ["method/layer.py:1: the method reaches torch.distributed",
                                       "method/controller.py:7: the method reaches torch.distributed.barrier",
                                       "method/controller.py:8: the method reaches deepspeed.comm"]),
-    (testing_imports_beyond_the_standard_library, ["testing/launcher.py:5: testing/ imports torch"]),
+    (non_stdlib_imports_in_testing, ["testing/launcher.py:5: testing/ imports torch"]),
     (oversized, ["export/live.py: f has 62 lines", "export/merge.py has 401 lines"]),
 ])
 def test_each_rule_finds_a_planted_violation(rule, expected):
