@@ -16,7 +16,8 @@ from .method.controller import BeamController
 from .method.inject import wrap_targets
 from .backends import BACKENDS
 from .backends.torch_access import optimizers_holding
-from .backends.wrappers import is_deepspeed_engine, taken_by_engine
+from .backends.deepspeed.internals import taken_by_zero_optimizer
+from .backends.wrappers import is_deepspeed_engine
 
 ORDER = ("The order is: model -> beamlora_ds.apply(model, config) -> optimizer from "
          "beamlora_ds.optimizer_param_groups(model) -> deepspeed.initialize (or the Trainer).")
@@ -39,7 +40,7 @@ def check_model_before_apply(model: nn.Module) -> None:
     if is_deepspeed_engine(model):
         raise TypeError("apply() got a DeepSpeed engine. Call apply() on the model before deepspeed.initialize, "
                         "then build the optimizer and the engine. " + ORDER)
-    if any(taken_by_engine(p) for p in model.parameters()):
+    if any(taken_by_zero_optimizer(p) for p in model.parameters()):
         raise RuntimeError("apply() was called after deepspeed.initialize: the engine already partitioned this "
                            "model's parameters and would never train the adapter (DeepSpeed fails later with an "
                            "IndexError). " + ORDER)

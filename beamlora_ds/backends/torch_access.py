@@ -14,8 +14,9 @@ from ..method.layer import BeamLoRALinear
 from ..method.score_table import score_parameters
 from ..method.seam import PlatformAccess, RankStats
 from . import coordination
+from .deepspeed.internals import taken_by_zero_optimizer
 from .tensor_parallel import sum_split_norms
-from .wrappers import PASS_THE_ENGINE, is_deepspeed_optimizer, taken_by_engine, unwrap_optimizer
+from .wrappers import PASS_THE_ENGINE, is_deepspeed_optimizer, unwrap_optimizer
 
 
 class TorchAccess(PlatformAccess):
@@ -23,7 +24,7 @@ class TorchAccess(PlatformAccess):
 
     def __init__(self, modules: Sequence[BeamLoRALinear], optimizer):
         self.modules = list(modules)
-        if is_deepspeed_optimizer(optimizer) or any(taken_by_engine(p) for m in self.modules
+        if is_deepspeed_optimizer(optimizer) or any(taken_by_zero_optimizer(p) for m in self.modules
                                                      for _, p in adapter_parameters(m)):
             raise TypeError(f"BeamController.step() got {type(optimizer).__name__}, but this model is trained by a "
                             f"DeepSpeed engine. {PASS_THE_ENGINE}")

@@ -1,14 +1,12 @@
 """Recognising what training platforms wrap a model or an optimizer in, without importing them.
 
 A DeepSpeed engine is recognised by its class name, a DeepSpeed optimizer by its module, DDP and DataParallel by
-their class names; importing this module never imports DeepSpeed. Which attributes DeepSpeed sets on a parameter
-it took over is a DeepSpeed internal: `deepspeed/internals.py` reads them.
+their class names; importing this module never imports DeepSpeed. Whether DeepSpeed took over a parameter is
+read from its private attributes, by deepspeed/internals.py (taken_by_zero_optimizer).
 """
 from __future__ import annotations
 
 import torch
-
-from .deepspeed.internals import taken_by_zero_optimizer
 
 
 def is_deepspeed_engine(obj) -> bool:
@@ -35,12 +33,6 @@ def is_deepspeed_optimizer(obj) -> bool:
     ZeRO 1-3 or mixed precision. DeepSpeed's own torch optimizers (FusedAdam, DeepSpeedCPUAdam in `deepspeed.ops`)
     are plain optimizers: under ZeRO-0 fp32 the engine steps one directly."""
     return type(obj).__module__.startswith("deepspeed.runtime")
-
-
-def taken_by_engine(param: torch.Tensor) -> bool:
-    """True once deepspeed.initialize gave `param` to its ZeRO optimizer: its values then live in the engine, not
-    in any torch optimizer. A ZeRO-3 model partitioned while it loads (zero.Init) is not taken yet."""
-    return taken_by_zero_optimizer(param)
 
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:

@@ -27,7 +27,9 @@ def in_zero_optimizer(param: torch.Tensor) -> bool:
 
 def taken_by_zero_optimizer(param: torch.Tensor) -> bool:
     """Whether deepspeed.initialize gave `param` to its ZeRO optimizer, as seen from any one of its processes: a stage
-    1/2 fragment linked here, or the stage 3 optimizer attached (the misuse checks around apply() and step())."""
+    1/2 fragment linked here, or the stage 3 optimizer attached (the misuse checks around apply() and step()). Its
+    values then live in the engine, not in any torch optimizer; a ZeRO-3 model partitioned while it loads (zero.Init)
+    is not taken yet."""
     return getattr(param, "_hp_mapping", None) is not None or hasattr(param, "_z3_optimizer")
 
 
