@@ -40,7 +40,7 @@ def save_adapter(model_or_engine, out_dir: str, base_model_name_or_path: Optiona
     modules = find_beamlora_modules(model)
     if not modules:
         raise ValueError(NO_MODULES)
-    warn_if_step_count_differs(model_or_engine, modules)
+    warn_if_step_count_differs(model_or_engine if model_or_engine is not model else None, modules)
     writer = coordination.rank() == 0
     problem = out_dir_problem(out_dir, overwrite) if writer else None
     if not coordination.rank0_verdict(problem is None):
@@ -111,12 +111,12 @@ def _check_shape(what: str, tensor: torch.Tensor, shape: Sequence[int]) -> None:
                          "save_adapter on every process) so the full tensors are gathered. Nothing was written.")
 
 
-def warn_if_step_count_differs(model_or_engine, modules) -> None:
-    """A forgotten or extra beam.step() is told at export, with the numbers (the engine's count, or for a plain model
-    the optimizer the controller was stepped with, or the one holding the scores)."""
+def warn_if_step_count_differs(engine, modules) -> None:
+    """A forgotten or extra beam.step() is told at export, with the numbers (the `engine`'s count, or without one
+    (a plain model) the optimizer the controller was stepped with, or the one holding the scores)."""
     beam = controller_of(next(iter(modules.values())))
     if beam is None:
         return
-    problem = beam.step_count_problem(model_or_engine if model_or_engine is not unwrap_model(model_or_engine) else None)
+    problem = beam.step_count_problem(engine)
     if problem and coordination.is_process_zero():
         logger.warning("%s", problem)
