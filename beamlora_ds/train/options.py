@@ -55,12 +55,12 @@ def _deepspeed_and_model_options(p):
     _add(g, "--dist_timeout", type=int, default=1800, help="seconds before a stuck collective fails")
     g = p.add_argument_group("model")
     _add(g, "--model_name_or_path", default=None,
-                   help="hub name or local folder; default: built-in (SmolLM2-135M if installed, else tiny Llama)")
+         help="hub name or local folder; default: built-in (SmolLM2-135M if installed, else tiny Llama)")
     _add(g, "--bf16", action="store_true", default=None, help="train in bf16 (must match the config)")
     _add(g, "--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     _add(g, "--quantization", default="none", choices=["none", "nf4"],
-                   help="nf4: load the base in 4-bit NF4 with double quantization (QLoRA-style; needs bitsandbytes); "
-                        "compute dtype bf16 with --bf16, else fp32")
+         help="nf4: load the base in 4-bit NF4 with double quantization (QLoRA-style; needs bitsandbytes); "
+              "compute dtype bf16 with --bf16, else fp32")
 
 
 def _data_options(p):
@@ -80,25 +80,25 @@ def _beamlora_options(p):
     _add(g, "--lora_alpha", type=float, default=None, help="scaling alpha (the update is alpha/r B w A x)")
     _add(g, "--lora_dropout", type=float, default=None, help="dropout on the adapter's input")
     _add(g, "--tau", type=float, default=0.05,
-                   help="softmax temperature of the rank scores (the paper uses 0.03 when lr < 1e-4)")
+         help="softmax temperature of the rank scores (the paper uses 0.03 when lr < 1e-4)")
     _add(g, "--target_modules", default=",".join(LLAMA_PROJECTIONS),
-                   help="comma-separated names, or a regex if it starts with 're:'")
+         help="comma-separated names, or a regex if it starts with 're:'")
     _add(g, "--interval", type=int, default=None, help="reset interval T in optimizer steps")
     _add(g, "--p0", type=float, default=None,
-                   help="keep-fraction at the first reset; it rises to 1 along a half cosine")
+         help="keep-fraction at the first reset; it rises to 1 along a half cosine")
     _add(g, "--t_end", type=int, default=None,
-                   help="step at which the keep-fraction reaches 1 (default: two thirds of the run)")
+         help="step at which the keep-fraction reaches 1 (default: two thirds of the run)")
     _add(g, "--optimizer_state", default="inherit", choices=["inherit", "keep"],
-                   help="Adam moments of a refilled rank: the source's from the snapshot, or left as they were")
+         help="Adam moments of a refilled rank: the source's from the snapshot, or left as they were")
     _add(g, "--importance", default="score", choices=["score", "norm"],
-                   help="rank importance: the learned score, or ||b_i|| ||a_i||")
+         help="rank importance: the learned score, or ||b_i|| ||a_i||")
 
 
 def _training_and_output_options(p):
     g = p.add_argument_group("training")
     _add(g, "--learning_rate", type=float, default=None, help="peak learning rate")
     _add(g, "--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant"],
-                   help="after the warmup")
+         help="after the warmup")
     _add(g, "--warmup_ratio", type=float, default=None, help="fraction of the steps with linear warmup")
     _add(g, "--weight_decay", type=float, default=0.0, help="on A and B (never on the score)")
     _add(g, "--max_grad_norm", type=float, default=None, help="default 1.0 (or the config's value)")
@@ -106,21 +106,21 @@ def _training_and_output_options(p):
     _add(g, "--max_steps", type=int, default=None, help="optimizer steps; overrides epochs when > 0")
     _add(g, "--per_device_train_batch_size", type=int, default=None, help="examples per process per micro-step")
     _add(g, "--gradient_accumulation_steps", type=int, default=None,
-                   help="micro-steps per optimizer step (default 1, or the config's value)")
+         help="micro-steps per optimizer step (default 1, or the config's value)")
     _add(g, "--seed", type=int, default=42, help="data order, adapter init, reset pairing")
     g = p.add_argument_group("output")
     _add(g, "--output_dir", default=None, help="run folder: checkpoints, adapter, log.jsonl, run_args.json")
     _add(g, "--overwrite_output_dir", action="store_true", help="write into a non-empty output_dir")
     _add(g, "--resume", nargs="?", const="latest", default=None, choices=["latest", "auto"],
-                   help="continue from the checkpoint `latest` names in output_dir (refused if it is damaged); "
-                        "'--resume auto': from the newest intact one. Another number of GPUs is fine if the global "
-                        "batch stays (docs/training.md)")
+         help="continue from the checkpoint `latest` names in output_dir (refused if it is damaged); "
+              "'--resume auto': from the newest intact one. Another number of GPUs is fine if the global "
+              "batch stays (docs/training.md)")
     _add(g, "--allow_new_global_batch", action="store_true",
-                   help="let --resume change the global batch (the data order changes)")
+         help="let --resume change the global batch (the data order changes)")
     _add(g, "--save_steps", type=int, default=None, help="checkpoint every N optimizer steps; 0: at the end")
     _add(g, "--logging_steps", type=int, default=None, help="a log.jsonl record every N steps")
     _add(g, "--stop_after", type=int, default=0,
-                   help="checkpoint and exit after this step (to fit a job time limit; continue with --resume)")
+         help="checkpoint and exit after this step (to fit a job time limit; continue with --resume)")
 
 
 def fill_defaults(args):
