@@ -1,9 +1,9 @@
 """Which ZeRO stage, precision and parameter offload BeamLoRA can train under: every such rule in one function.
 
 launch/train.py asks it from the DeepSpeed config before anything is loaded, the ZeRO accesses from the engine at
-the first step (zero_access.py), loading/four_bit_request.check_4bit_request for a 4-bit base. The rules and their messages are the
-same everywhere; only the fix a message suggests follows the caller (a flag, a shipped config, a library
-setting). Why each rule exists is measured in docs/platform.md.
+the first step (zero_access.py), loading/four_bit_request.check_4bit_request for a 4-bit base. The rules and their
+messages are the same everywhere; only the fix a message suggests follows the caller (a flag, a shipped config, a
+library setting). Why each rule exists is measured in docs/platform.md.
 """
 from __future__ import annotations
 
