@@ -10,7 +10,7 @@ batches, lr schedule (linear warmup over 10% of the steps, then cosine to 0, as 
 DeepSpeed config (ZeRO-2 by default: same algorithm, less communication on a CPU). The task is the built-in one
 (data.arithmetic_examples: "What is 57 - 18?" -> "39"): 2000 training questions drawn with the seed, and
 --eval_samples held-out questions drawn with another seed (10000 + seed), none of which is in the training set,
-scored by exact match of the greedy answer (beamlora_ds.evaluate.exact_match); the untrained model is scored on
+scored by exact match of the greedy answer (beamlora_ds.train.evaluate.exact_match); the untrained model is scored on
 the same questions too (both methods start from it: B = 0). Reported: exact match per seed and method, and per
 method the mean, sample standard deviation, min and max over seeds, and the paired difference. Five seeds by
 default (at least three are needed for a spread); 256 questions per seed keep the binomial noise of one score near

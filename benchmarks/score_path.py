@@ -8,7 +8,7 @@ Why: benchmarks/overhead.py shows BeamLoRA's ZeRO-2 step above LoRA's; this sepa
 score itself from DeepSpeed's per-parameter costs. Variants, timed round-robin on one thread (forward + backward
 of a chain of N adapters, each x -> B (w * (A x))):
   none     LoRA: no score
-  plain    the score path exactly as beamlora_ds.layer computes it (w = rank_weights(score, tau))
+  plain    the score path exactly as beamlora_ds.method.layer computes it (w = rank_weights(score, tau))
   fused    the same maths as one torch.autograd.Function (a candidate optimisation; its gradients are checked
            equal to plain's before timing)
   table    the model-level score path beamlora_ds.apply() installs: one (modules x r) ScoreTable, all rows computed

@@ -242,8 +242,8 @@ def train(bench, runs, steps, label):
 
 class CountCollectives:
     """While active: every torch.distributed collective this process calls (DeepSpeed's deepspeed.comm and
-    beamlora_ds.tensor_parallel both end there), by name: calls, elements, and the wall time of the synchronous
-    ones (an async call's wait is not seen; on CPU gloo the wait is mostly the peer catching up)."""
+    beamlora_ds.backends.tensor_parallel both end there), by name: calls, elements, and the wall time of the
+    synchronous ones (an async call's wait is not seen; on CPU gloo the wait is mostly the peer catching up)."""
 
     NAMES = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "reduce_scatter",
              "reduce_scatter_tensor", "all_to_all_single", "broadcast", "barrier")

@@ -408,9 +408,43 @@ def _cited_source_exists(cited: str, shipped: list) -> bool:
     return any(os.path.isfile(os.path.join(place, *cited.split("/")[1:])) for place in places)
 
 
+MODULE_CITATION = re.compile(r"(?<![\w.])(beamlora_ds(?:\.\w+)+)(?![\w\"])")  # not a "beamlora_ds.x" format name
+
+
+def _module_names(path: str) -> set:
+    """The names a module defines or imports at its top level, and those its __all__ lists."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+            if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
+                names.update(e.value for e in ast.walk(node.value) if isinstance(e, ast.Constant))
+    return names
+
+
+def _cited_module_exists(dotted: str) -> bool:
+    """`beamlora_ds.a.b[.name]`: the folders and module exist, and the module defines (or imports) `name`."""
+    folder, module, rest = os.path.join(ROOT, PACKAGE), None, dotted.split(".")[1:]
+    while rest and os.path.isdir(os.path.join(folder, rest[0])):
+        folder, rest = os.path.join(folder, rest[0]), rest[1:]
+    module = os.path.join(folder, "__init__.py")
+    if rest and os.path.isfile(os.path.join(folder, rest[0] + ".py")):
+        module, rest = os.path.join(folder, rest[0] + ".py"), rest[1:]
+    return not rest or rest[0] in _module_names(module)
+
+
 def test_cited_source_files_exist():
     """A comment or document that cites a source file by path cites one that exists: in the repository (a file
-    moved in a restructure leaves no stale path behind) or in the third-party package it names."""
+    moved in a restructure leaves no stale path behind) or in the third-party package it names; one that cites a
+    module of the package by its dotted name (`beamlora_ds.loading.models.load_model`) names a module that exists
+    and a name it defines."""
     shipped = [os.path.relpath(p, ROOT) for p in _source_files()]
     documents = [os.path.join(ROOT, "README.md")] + [os.path.join(ROOT, "docs", n)
                                                       for n in sorted(os.listdir(os.path.join(ROOT, "docs")))]
@@ -420,6 +454,9 @@ def test_cited_source_files_exist():
             text = f.read()
         for cited in set(SOURCE_CITATION.findall(text)):
             if not _cited_source_exists(cited, shipped):
+                missing.add(f"{os.path.relpath(path, ROOT)} cites {cited}")
+        for cited in set(MODULE_CITATION.findall(text)):
+            if not _cited_module_exists(cited.rstrip(".")):
                 missing.add(f"{os.path.relpath(path, ROOT)} cites {cited}")
     assert not missing, sorted(missing)
 

@@ -1,6 +1,6 @@
-"""beamlora_ds.models: the built-in tiny model and its character tokenizer, and the weightless skeleton train.py checks
-target_modules on before the expensive load. (That the skeleton's checks agree with apply() on the loaded model is
-in test_inject.py.)"""
+"""beamlora_ds.loading (models.py, builtin.py): the built-in tiny model and its character tokenizer, and the
+weightless skeleton train.py checks target_modules on before the expensive load. (That the skeleton's checks agree
+with apply() on the loaded model is in test_inject.py.)"""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""beamlora_ds.evaluate.exact_match against a hand count: a tiny model with the character tokenizer whose greedy
+"""beamlora_ds.train.evaluate.exact_match against a hand count: a tiny model with the character tokenizer whose greedy
 answers are scripted per question, so which answers are right is known before the call."""
 import torch
 
