@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 
 from ..testing.failpoints import kill_point
 
-PARTIAL = ".partial"  # suffix of a checkpoint folder still being written (checkpoint.save_checkpoint)
+PARTIAL = ".partial"  # suffix of a checkpoint folder still being written (save.save_checkpoint)
 
 
 def fsync_tree(folder: str) -> None:

@@ -94,7 +94,7 @@ def plot_allocation(log_path: str, out_png: str, top: int = 15) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="beamlora-plot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("log", help="log.jsonl written by launch/train.py or by telemetry.log_reset")
+    parser.add_argument("log", help="log.jsonl written by launch/train.py or by beamlora_ds.log_reset")
     parser.add_argument("out", help="PNG file to write")
     parser.add_argument("--top", type=int, default=15, help="how many modules the list names (default: 15)")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """What a training run tells its user: a progress bar (loss, lr, tokens/s, ETA), a line per event, and log.jsonl.
 
 Rank 0 writes; every other process's RunLog does nothing, so callers need no rank checks. The records are read
-back by `telemetry.current_records` (a `resume` record supersedes what an interrupted run logged after it).
+back by `beamlora_ds.current_records` (a `resume` record supersedes what an interrupted run logged after it).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class RunLog:
             self.bar.close()
 
     def reset(self, record: dict) -> None:
-        """A BeamController reset record, encoded as `telemetry.log_reset` writes it from a user's own loop."""
+        """A BeamController reset record, encoded as `beamlora_ds.log_reset` writes it from a user's own loop."""
         self.write(reset_log_record(record),
                    f"reset at step {record['step']}: keep-fraction {record['keep_fraction']:.4f}, "
                    f"{len(record['pruned'])} ranks pruned in {len({n for n, _ in record['pruned']})} modules"

@@ -1,10 +1,11 @@
-"""support.check_zero_support: every ZeRO stage / precision / offload combination BeamLoRA refuses, with the fix its
-caller's user can apply, and every one it trains under (docs/platform.md)."""
+"""supported_setups.check_zero_support: every ZeRO stage / precision / offload combination BeamLoRA refuses, with the
+fix its caller's user can apply, and every one it trains under (docs/platform.md)."""
 import enum
 
 import pytest
 
-from beamlora_ds.backends.deepspeed.supported_setups import (PRECISIONS, UnsupportedSetupError, check_engine_support, check_zero_support, engine_setup)
+from beamlora_ds.backends.deepspeed.supported_setups import (PRECISIONS, UnsupportedSetupError, check_engine_support,
+                                                             check_zero_support, engine_setup)
 
 NVME = "Set offload_param.device to \"cpu\""
 STAGE0_LIBRARY = "Use ZeRO stage 1, 2 or 3 (set zero_optimization.stage)"

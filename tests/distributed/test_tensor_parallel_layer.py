@@ -116,7 +116,7 @@ def test_split_sizes_must_add_up_to_the_layer():
 
 
 def test_a_controller_state_from_another_tensor_parallel_split_is_refused():
-    """Optimizer and model files are per slice: a resume must have the same split (checkpoint.load_checkpoint
+    """Optimizer and model files are per slice: a resume must have the same split (checkpointing/load.py
     checks the same before DeepSpeed reads anything)."""
     from helpers import TwoLayerNet
 

@@ -83,7 +83,7 @@ def test_refuses_a_tensor_that_does_not_fit_its_module(beam_model, tmp_path):
 
 def test_the_engine_wrapper_is_looked_through(beam_model, tmp_path):
     """Key names must not carry a wrapper's `module.`: DDP/DeepSpeed-style wrappers are unwrapped first."""
-    class DistributedDataParallel(torch.nn.Module):  # stands in by name, as access.is_model_wrapper checks
+    class DistributedDataParallel(torch.nn.Module):  # stands in by name, as wrappers.is_model_wrapper checks
         def __init__(self, module):
             super().__init__()
             self.module = module

@@ -42,7 +42,7 @@ def test_merge_refuses_a_model_without_adapter():
 
 
 def test_merge_refuses_a_wrapped_model(beam_model):
-    class DistributedDataParallel(nn.Module):  # stands in by name, as access.is_model_wrapper checks
+    class DistributedDataParallel(nn.Module):  # stands in by name, as wrappers.is_model_wrapper checks
         def __init__(self, module):
             super().__init__()
             self.module = module
