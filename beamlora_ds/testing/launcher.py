@@ -85,7 +85,7 @@ SPAWN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spawn.py")
 def spawn_command(script: str, args: Iterable = (), nproc: int = 2, port: Optional[int] = None, nnodes: int = 1,
                   node_rank: int = 0) -> List[str]:
     """The same processes as `deepspeed_command` (the same variables, `--local_rank=N`), started by spawn.py
-    without DeepSpeed's launcher start-up (about 6.5 s a launch here): what tests and benchmarks use. `nnodes` and
+    without DeepSpeed's launcher start-up (about 6 s a launch here): what tests and benchmarks use. `nnodes` and
     `node_rank` start one node of a job of several, on this machine."""
     return [sys.executable, SPAWN, "--nproc", str(nproc), "--nnodes", str(nnodes), "--node_rank", str(node_rank),
             "--master_port", str(port or free_port()), str(script), *map(str, args)]

@@ -8,9 +8,10 @@ MASTER_PORT, CROSS_RANK, CROSS_SIZE) and `--local_rank=N` after the script, as `
 the processes then run real DeepSpeed and torch.distributed, joined by `deepspeed.init_distributed`. When one exits
 with an error, the others (and what they started) are stopped and this launcher exits with its code, saying "exits
 with return code = N" as DeepSpeed's launcher does. What it saves: DeepSpeed's launcher imports torch and DeepSpeed
-twice (its runner, then its per-node launcher) before the first worker starts, about 6.5 s a launch on a 2-core CPU
-(docs/testing.md); a test suite of a hundred launches spends ten minutes on that. Run it by its path: it uses the
-standard library only, and `python -m beamlora_ds.testing.spawn` would import the whole package first.
+twice (its runner, then its per-node launcher) before the first worker starts, about 6 s a launch on a 2-core CPU
+(benchmarks/launch_overhead.py, docs/testing.md); a test suite of a hundred launches spends ten minutes on that. Run
+it by its path: it uses the standard library only, and `python -m beamlora_ds.testing.spawn` would import the whole
+package first.
 """
 from __future__ import annotations
 
