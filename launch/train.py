@@ -250,7 +250,7 @@ def train(state: RunState) -> bool:
 
 
 def save_checkpoint(state: RunState, step: int):
-    beamlora_ds.save_checkpoint(state.engine, state.beam, state.ckpt_dir)
+    beamlora_ds.save_checkpoint(state.engine, state.beam, state.ckpt_dir, include_base=state.args.save_base)
     state.saved_step = step
 
 

@@ -89,3 +89,39 @@ def train_step(model, opt, batch):
     loss.backward()
     opt.step()
     return loss.item()
+
+
+def base_tensors_in_checkpoint(folder, model, tp: int = 1, world: int = 2):
+    """Every tensor in every file under checkpoint `folder` (dicts, lists and tuples walked) shaped like a weight of
+    `model` (the base, not adapted): a whole 2-D weight, its tensor-parallel slice (out or in split over `tp`), or a ZeRO-3 flat
+    fragment of it (1-D, numel / world). Returns [(file, key path, shape)]; empty for an adapter-only checkpoint."""
+    import os
+
+    shapes, fragments = set(), set()
+    for p in model.parameters():
+        if p.dim() < 2:
+            continue
+        out, inp = p.shape[0], p.numel() // p.shape[0]
+        shapes.add((out, inp))
+        for k in range(tp):
+            shapes.update({(out // tp + (k < out % tp), inp), (out, inp // tp + (k < inp % tp))})
+        fragments.add(-(-p.numel() // world))
+    found = []
+
+    def walk(obj, where, path):
+        if isinstance(obj, torch.Tensor):
+            if tuple(obj.shape) in shapes or (obj.dim() == 1 and obj.numel() in fragments):
+                found.append((where, path, tuple(obj.shape)))
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                walk(value, where, f"{path}/{key}")
+        elif isinstance(obj, (list, tuple)):
+            for i, value in enumerate(obj):
+                walk(value, where, f"{path}/{i}")
+
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if name.endswith(".pt"):
+                path = os.path.join(root, name)
+                walk(torch.load(path, map_location="cpu", weights_only=False), os.path.relpath(path, folder), "")
+    return found

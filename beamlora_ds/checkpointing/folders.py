@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from typing import Type
+from typing import Tuple, Type
 
 from ..backends import coordination
 
@@ -66,3 +66,19 @@ def owns_folders(engine) -> bool:
     if not coordination.is_distributed():
         return True
     return (engine.local_rank if node_local_storage(engine) else coordination.rank()) == 0
+
+
+def reading_part(node_local: bool) -> Tuple[int, int]:
+    """(index, count) of this process among those that share the reading of a checkpoint folder: every process
+    on a shared file system; with node-local storage, the processes of this node (each node reads its own folder).
+    """
+    if node_local:
+        index = int(os.environ.get("LOCAL_RANK", 0))
+        count = int(os.environ.get("LOCAL_SIZE", 0)) or int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or 0
+        return (index, count) if count > index else (0, 1)
+    return coordination.rank(), coordination.world_size()
+
+
+def same_folder_as_owner(node_local: bool) -> int:
+    """Which publisher's folder this process writes into: 0 on a shared file system, else its node's first rank."""
+    return coordination.rank() - int(os.environ.get("LOCAL_RANK", 0)) if node_local else 0

@@ -2,6 +2,7 @@
 controller, on the same or (ZeRO 1-3, through DeepSpeed's universal checkpoint) another number of processes."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Optional, Tuple
@@ -10,8 +11,10 @@ import torch
 
 from ..method.controller import BeamController
 from ..backends import coordination
+from ..backends.wrappers import unwrap_model
 from . import manifest, reshard
-from .folders import node_local_storage, owns_folders
+from .base_identity import base_identity, identity_problem
+from .folders import node_local_storage, owns_folders, reading_part
 from .layout import STATE_FILE, CheckpointDamagedError, read_latest
 from .rng import set_rng_state
 
@@ -30,6 +33,7 @@ def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[s
     node_local = node_local_storage(engine)
     tag = _choose_tag(load_dir, tag, fallback, node_local)
     folder = os.path.join(load_dir, tag)
+    _check_base(engine, folder, tag)
     every = coordination.all_values(_saved_world_size(folder))
     coordination.all_ranks_or_raise(len(set(every)) == 1, f"The processes see different checkpoints in {folder!r} "
                                     f"(written by {sorted(set(every))} processes): point every node at the same "
@@ -43,7 +47,8 @@ def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[s
                                         f"checkpoint {tag!r} was not written by beamlora_ds.save_checkpoint.")
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         _check_fits(state["beamlora"], beam, tag)
-        path, client_state = engine.load_checkpoint(load_dir, tag=tag)
+        with adapter_only_loads(engine):
+            path, client_state = engine.load_checkpoint(load_dir, tag=tag)
         saved, rng = state["beamlora"], state["rng"]
     else:
         path, client_state, saved, rng = _load_on_new_world_size(engine, beam, load_dir, tag, saved_world, node_local)
@@ -53,6 +58,42 @@ def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[s
     if rng is not None:  # a process the old run did not have keeps its seeded streams
         set_rng_state(rng)
     return path, client_state
+
+
+@contextlib.contextmanager
+def adapter_only_loads(engine_or_model):
+    """While inside, a strict load_state_dict of the model accepts a state without the frozen base (what
+    save_checkpoint writes): see allow_adapter_only_state."""
+    model = unwrap_model(engine_or_model)
+    handle = model.register_load_state_dict_post_hook(allow_adapter_only_state)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def allow_adapter_only_state(model, incompatible_keys) -> None:
+    """load_state_dict hook: a state dict that lacks only frozen parameters (and has every trainable one) is a
+    complete BeamLoRA state (checkpoints leave the base out; it is loaded from its source), so those keys are not
+    reported missing. A missing trainable key still is, and a strict load still fails on it. "Only some frozen
+    keys": DeepSpeed leaves out each frozen tensor once, so a tied output embedding may stay in under its other name.
+    """
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    missing = set(incompatible_keys.missing_keys)
+    if missing and missing <= frozen:
+        incompatible_keys.missing_keys.clear()
+
+
+def _check_base(engine, folder: str, tag: str) -> None:
+    """Refuse, on every process and before anything is read, a checkpoint trained on another base than this run
+    loaded (its manifest records the base's fingerprint: base_identity.py)."""
+    current = base_identity(engine.module)  # on every process: a gather under ZeRO-3
+    try:
+        saved = ((manifest.read_manifest(folder) or {}).get("extra") or {}).get("base")
+    except manifest.ManifestError:
+        saved = None  # _choose_tag verified the manifest; unreadable now means it changed under us: DeepSpeed says
+    problem = None if saved and saved.get("included") else identity_problem(saved, current, tag)
+    coordination.all_ranks_or_raise(problem is None, problem or "", ValueError)
 
 
 def _check_fits(saved: dict, beam: BeamController, tag: str) -> None:
@@ -85,7 +126,8 @@ def _load_on_new_world_size(engine, beam, load_dir: str, tag: str, saved_world: 
     saved = states[0]["beamlora"]
     _check_fits(saved, beam, tag)
     if stage == 0:  # ZeRO-0 keeps whole tensors and one optimizer state: DeepSpeed loads it on any world size
-        path, client_state = engine.load_checkpoint(load_dir, tag=tag)
+        with adapter_only_loads(engine):
+            path, client_state = engine.load_checkpoint(load_dir, tag=tag)
     else:
         path, client_state = reshard.load_universal(
             engine, reshard.convert_to_universal(load_dir, tag, owns_folders(engine)), tag)
@@ -158,12 +200,7 @@ def _agreed_latest(load_dir: str, latest: str) -> str:
 def _verify_everywhere(folder: str, node_local: bool) -> Optional[str]:
     """The folder checked against its manifest, each process hashing a share of the files; the first problem any
     process found, on every process (each process makes exactly one collective call, whatever it found)."""
-    if node_local:  # each node checks the folder it sees
-        part = (int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_SIZE", 0))
-                or int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or 0)
-        part = part if part[1] > part[0] else (0, 1)
-    else:
-        part = (coordination.rank(), coordination.world_size())
+    part = reading_part(node_local)  # each node checks the folder it sees
     try:
         problem = manifest.verify(folder, part=part)
     except (manifest.ManifestError, OSError) as e:  # unreadable manifest, a permission error: a problem to share

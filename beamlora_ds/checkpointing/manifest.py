@@ -22,7 +22,7 @@ import os
 import stat
 import time
 import zlib
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .atomic import PARTIAL, write_text_atomically
 
@@ -75,14 +75,44 @@ def _files(folder: str) -> List[str]:
     return sorted(found)
 
 
-def write_manifest(folder: str, tag: str, step: int, extra: Optional[dict] = None) -> dict:
-    """Record size and checksum of every file in `folder` in `folder/manifest.json` (atomically: a crash leaves no
-    half manifest); returns what was written. Call once every process has written its files, before the rename."""
-    files = {}
-    for rel in _files(folder):
-        path = os.path.join(folder, *rel.split("/"))
+def share(sizes: Dict[str, int], part: Tuple[int, int]) -> List[str]:
+    """The files whose checksums process part[0] of part[1] computes: largest first, each to the process with the
+    fewest bytes so far (ties by name), so each reads about 1/part[1] of the bytes, never one process all of them.
+    Depends only on the names and sizes, so every process computes the same split."""
+    index, count = part
+    if not 0 <= index < count:
+        raise ValueError(f"part={part!r}: want (i, n) with 0 <= i < n")
+    load, mine = [0] * count, []
+    for rel in sorted(sizes, key=lambda r: (-sizes[r], r)):
+        reader = min(range(count), key=lambda k: (load[k], k))
+        load[reader] += sizes[rel]
+        if reader == index:
+            mine.append(rel)
+    return sorted(mine)
+
+
+def checksum_entries(folder: str, part: Tuple[int, int] = (0, 1)) -> Dict[str, dict]:
+    """{relative path: {"size", algorithm: checksum}} for this process's share (`share`) of the files in `folder`;
+    the shares of all part[1] processes together cover every file once."""
+    sizes = {rel: os.path.getsize(os.path.join(folder, *rel.split("/"))) for rel in _files(folder)}
+    entries = {}
+    for rel in share(sizes, part):
         algo = "crc32" if _is_deepspeeds(rel) else "sha256"
-        files[rel] = {"size": os.path.getsize(path), algo: _checksum(path, algo)}
+        entries[rel] = {"size": sizes[rel], algo: _checksum(os.path.join(folder, *rel.split("/")), algo)}
+    return entries
+
+
+def write_manifest(folder: str, tag: str, step: int, extra: Optional[dict] = None,
+                   entries: Optional[Dict[str, dict]] = None) -> dict:
+    """Record size and checksum of every file in `folder` in `folder/manifest.json` (atomically: a crash leaves no
+    half manifest); returns what was written. Call once every process has written its files, before the rename.
+    `entries`: the checksums the processes computed in shares (checksum_entries), merged; every file in the folder
+    must be among them. Without them this process reads every file."""
+    files = checksum_entries(folder) if entries is None else dict(entries)
+    unlisted = sorted(set(_files(folder)) - set(files))
+    if unlisted:
+        raise ManifestError(f"{folder}: no checksum was computed for {unlisted[:3]} (written after the shares were "
+                            "read?)")
     manifest = {"format": FORMAT, "tag": tag, "step": int(step), "written_at": time.time(), "files": files}
     if extra:
         manifest["extra"] = dict(extra)
@@ -121,9 +151,9 @@ def verify(folder: str, part: Tuple[int, int] = (0, 1), only: Optional[Callable[
            ) -> Optional[str]:
     """None when `folder` matches its manifest, else one sentence naming the damaged file and what to do.
 
-    Sizes are checked for every file (cheap, and finds any truncation); checksums only for the files whose index
-    in sorted order is part[0] modulo part[1], so part[1] processes can share the reading, and of those only the
-    ones `only` accepts. A folder without a manifest is refused: it cannot be checked."""
+    Sizes are checked for every file (cheap, and finds any truncation); checksums only for this process's `share`
+    of the files (by their sizes in the manifest), so part[1] processes each read about 1/part[1] of the bytes, and
+    of those only the ones `only` accepts. A folder without a manifest is refused: it cannot be checked."""
     index, count = part
     if not 0 <= index < count:
         raise ValueError(f"part={part!r}: want (i, n) with 0 <= i < n")
@@ -150,8 +180,8 @@ def verify(folder: str, part: Tuple[int, int] = (0, 1), only: Optional[Callable[
             how = "truncated" if size < want else "extended"
             return (f"Checkpoint {folder!r} is damaged: {rel} has size {size}, the manifest says {want} ({how}); "
                     f"{WHAT_TO_DO}.")
-    for i, rel in enumerate(listed):
-        if i % count != index or (only is not None and not only(rel)):
+    for rel in share({rel: manifest["files"][rel]["size"] for rel in listed}, part):
+        if only is not None and not only(rel):
             continue
         entry = manifest["files"][rel]
         algo = "sha256" if "sha256" in entry else "crc32"

@@ -20,11 +20,12 @@ import torch
 
 from ..method.controller import BeamController
 from ..backends import coordination
-from ..backends.deepspeed.internals import checkpoint_writes_wrapped
+from ..backends.deepspeed.internals import base_left_out_of_checkpoints, checkpoint_writes_wrapped
 from ..testing.failpoints import fail_write_point, kill_point
 from . import manifest, reshard
+from .base_identity import base_identity
 from .atomic import PARTIAL, fsync_tree, replace_dir, write_text_atomically
-from .folders import owns_folders
+from .folders import node_local_storage, owns_folders, reading_part, same_folder_as_owner
 from .layout import STATE_FILE, CheckpointWriteError, read_latest, validate_tag
 from .rng import rng_state
 
@@ -32,13 +33,19 @@ logger = logging.getLogger(__name__)
 
 
 def save_checkpoint(engine, beam: BeamController, save_dir: str, tag: Optional[str] = None,
-                    client_state: Optional[dict] = None) -> str:
+                    client_state: Optional[dict] = None, include_base: bool = False) -> str:
     """`engine.save_checkpoint` plus this process's BeamLoRA state, all or nothing; returns the tag. Call on every
-    process. A failed write anywhere raises CheckpointWriteError on every process."""
+    process. A failed write anywhere raises CheckpointWriteError on every process.
+
+    The checkpoint holds what training changes (adapters, their fp32 masters and moments, the BeamLoRA state), not
+    the frozen base: a resume loads the base from its source again, and load_checkpoint refuses another base (its
+    fingerprint is recorded in the manifest). `include_base=True` writes the base too (DeepSpeed's full checkpoint,
+    the size of the model in the training dtype, or in fp32 fragments under ZeRO-3)."""
     tag = validate_tag(str(tag or f"global_step{engine.global_steps}"))
     problem = beam.step_count_problem(engine)  # a forgotten or extra beam.step() shows here, not silently later
     if problem and coordination.is_process_zero():
         logger.warning("%s", problem)
+    base = base_identity(engine.module)  # on every process: a gather under ZeRO-3
     staging, step = tag + PARTIAL, engine.global_steps
     folder = os.path.join(save_dir, staging)
     owner = owns_folders(engine)
@@ -55,14 +62,18 @@ def save_checkpoint(engine, beam: BeamController, save_dir: str, tag: Optional[s
         torch.save({"beamlora": beam.state_dict(), "rng": rng_state()},
                    os.path.join(folder, STATE_FILE.format(rank=coordination.rank())))
     kill_point("checkpoint", step)
-    with _failure_recorded(failed), checkpoint_writes_wrapped(engine, _recording_writes(step, failed)):
+    without_base = contextlib.nullcontext() if include_base else base_left_out_of_checkpoints(engine)
+    with _failure_recorded(failed), checkpoint_writes_wrapped(engine, _recording_writes(step, failed)), without_base:
         # DeepSpeed's save ends in a barrier: after it, every process has written its part of the staging folder
         engine.save_checkpoint(save_dir, tag=staging, client_state=client_state or {}, save_latest=False)
     problem = coordination.first_problem(_failure_message(failed))  # every process learns of a failure anywhere
     if problem is None:
+        entries = _checksums_in_shares(engine, folder, failed)
+        problem = coordination.first_problem(_failure_message(failed))
+    if problem is None:
         if owner:
             with _failure_recorded(failed):
-                _publish(engine, save_dir, folder, tag, step)
+                _publish(engine, save_dir, folder, tag, step, dict(base, included=include_base), entries)
         problem = coordination.first_problem(_failure_message(failed))  # also the closing barrier
     if problem:  # a full disk, a quota, a vanished mount: say what is safe, free what we wrote
         if owner:
@@ -74,11 +85,29 @@ def save_checkpoint(engine, beam: BeamController, save_dir: str, tag: Optional[s
     return tag
 
 
-def _publish(engine, save_dir: str, folder: str, tag: str, step: int) -> None:
-    """The owner's part once every process wrote its files: manifest, flush, rename into place, move `latest`."""
+def _checksums_in_shares(engine, folder: str, failed: list) -> dict:
+    """The manifest's checksums, each process reading about its share of the bytes (manifest.share) of the folder
+    it writes into; what the processes publishing into the owner's folder computed, merged (on every process: one
+    gather, whatever happened here)."""
+    node_local = node_local_storage(engine)
+    entries: dict = {}
+    with _failure_recorded(failed):
+        entries = manifest.checksum_entries(folder, reading_part(node_local))
+    mine = same_folder_as_owner(node_local)
+    merged: dict = {}
+    for publisher, found in coordination.all_values((mine, entries)):
+        if publisher == mine:
+            merged.update(found)
+    return merged
+
+
+def _publish(engine, save_dir: str, folder: str, tag: str, step: int, base: dict, entries: dict) -> None:
+    """The owner's part once every process wrote its files and read its share: manifest, flush, rename into place,
+    move `latest`."""
     fail_write_point("manifest", step)
     manifest.write_manifest(folder, tag, step, extra={"world_size": coordination.world_size(),
-                                                      "zero_stage": engine.zero_optimization_stage()})
+                                                      "zero_stage": engine.zero_optimization_stage(), "base": base},
+                            entries=entries)
     fsync_tree(folder)
     replace_dir(folder, os.path.join(save_dir, tag))
     kill_point("latest", step)

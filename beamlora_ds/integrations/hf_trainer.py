@@ -20,8 +20,9 @@ import torch
 from transformers import TrainerCallback
 
 from ..backends import coordination
-from ..backends.deepspeed.internals import frozen_parameters_left_out
+from ..backends.deepspeed.internals import base_left_out_of_checkpoints
 from ..checkpointing.layout import STATE_FILE
+from ..checkpointing.load import allow_adapter_only_state
 from ..export.adapter_format import STATE_CONFIG, load_state, write_adapter
 from ..export.live import adapter_metadata, adapter_state_from_model, save_adapter
 from ..method.controller import BeamController
@@ -53,18 +54,6 @@ def check_processes_joined(trainer) -> None:
         raise RuntimeError(f"The launcher started {launched} processes, but the Trainer sees only this one, so each "
                            "would train alone. On a machine without CUDA pass use_cpu=True to TrainingArguments (or "
                            "call deepspeed.init_distributed(dist_backend='gloo') before creating them).")
-
-
-def allow_adapter_only_state(model, incompatible_keys) -> None:
-    """load_state_dict hook: a state dict that lacks only frozen parameters (and has every trainable one) is a
-    complete BeamLoRA state (checkpoints leave the base out; it is re-loaded from its source), so those keys are
-    not reported missing. A missing trainable key still is, and a strict load still fails on it. "Only some frozen
-    keys": DeepSpeed leaves out each frozen tensor once, so a tied output embedding stays in under its other name.
-    """
-    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-    missing = set(incompatible_keys.missing_keys)
-    if missing and missing <= frozen:
-        incompatible_keys.missing_keys.clear()
 
 
 class BeamLoRATrainerMixin:
@@ -119,7 +108,7 @@ class BeamLoRATrainerMixin:
         Trainer's own save, with the engine's save_checkpoint told to exclude frozen parameters meanwhile."""
         if not self.is_deepspeed_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
-        with frozen_parameters_left_out(self.model_wrapped):
+        with base_left_out_of_checkpoints(self.model_wrapped):
             super()._save_optimizer_and_scheduler(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

@@ -47,7 +47,9 @@ def tiny_llama(dtype: torch.dtype):
 
     config = tiny_llama_config()
     torch.manual_seed(1234)  # identical weights on every process
-    return LlamaForCausalLM(config).to(dtype)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.config.name_or_path = BUILTIN_TINY  # what checkpoints record as the base they trained
+    return model
 
 
 def char_tokenizer():

@@ -62,6 +62,9 @@ def _write_checkpoint(folder, state):
 
 
 class EngineThatMustNotLoad:
+    def __init__(self, model):
+        self.module = model  # what the base fingerprint is read from
+
     def load_checkpoint(self, *args, **kwargs):
         raise AssertionError("DeepSpeed was asked to load a checkpoint the controller cannot continue")
 
@@ -69,21 +72,23 @@ class EngineThatMustNotLoad:
 def test_a_checkpoint_of_another_state_version_is_refused_before_deepspeed_reads_it(tmp_path):
     """An earlier development version wrote another layout (version 1: one score parameter per module, so its
     DeepSpeed optimizer partitions do not fit either); loading stops with the way out, not inside DeepSpeed."""
-    beam = apply(TwoLayerNet(), BeamLoRAConfig(r=4, alpha=8.0, total_steps=40, interval=8))
+    model = TwoLayerNet()
+    beam = apply(model, BeamLoRAConfig(r=4, alpha=8.0, total_steps=40, interval=8))
     _write_checkpoint(tmp_path, dict(beam.state_dict(), version=1))
     with pytest.raises(ValueError, match="global_step8.*version 1.*reads version 2.*start a new run"):
-        load_checkpoint(EngineThatMustNotLoad(), beam, str(tmp_path))
+        load_checkpoint(EngineThatMustNotLoad(model), beam, str(tmp_path))
     assert beam.global_step == 0
 
 
 def test_a_checkpoint_of_another_tensor_parallel_split_is_refused_before_deepspeed_reads_it(tmp_path):
     """Its model and optimizer files are per slice: loading must stop with the way out, not inside DeepSpeed."""
-    beam = apply(TwoLayerNet(), BeamLoRAConfig(r=4, alpha=8.0, total_steps=40, interval=8))
+    model = TwoLayerNet()
+    beam = apply(model, BeamLoRAConfig(r=4, alpha=8.0, total_steps=40, interval=8))
     saved = beam.state_dict()
     saved["tensor_parallel"] = {beam.module_names[0]: ["column", [2, 2]]}
     _write_checkpoint(tmp_path, saved)
     with pytest.raises(ValueError, match="global_step8.*another tensor-parallel split.*beamlora-export"):
-        load_checkpoint(EngineThatMustNotLoad(), beam, str(tmp_path))
+        load_checkpoint(EngineThatMustNotLoad(model), beam, str(tmp_path))
 
 
 class StandInCheckpointEngine:
@@ -102,28 +107,32 @@ class StandInEngine:
     checkpoint engine as DeepSpeed does (the launch test in tests/distributed/test_checkpoint_integrity.py fails
     DeepSpeed's real writes)."""
 
-    def __init__(self, step, full_disk=False):
-        self.global_steps = step
+    def __init__(self, step, module, full_disk=False):
+        self.global_steps, self.module = step, module
         self.checkpoint_engine = StandInCheckpointEngine(full_disk)
 
     def zero_optimization_stage(self):
         return 2
 
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
-        self.checkpoint_engine.save({"weights": torch.arange(10.0)},
-                                    os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
+    def module_state_dict(self, exclude_frozen_parameters=False):
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad or not exclude_frozen_parameters}
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters=False):
+        module = self.module_state_dict(exclude_frozen_parameters=exclude_frozen_parameters)
+        self.checkpoint_engine.save({"module": module}, os.path.join(save_dir, tag, "mp_rank_00_model_states.pt"))
 
 
 @pytest.mark.parametrize("point", ["state", "deepspeed", "torch.save", "manifest", "latest"])
 def test_a_failed_write_leaves_the_previous_checkpoint_and_latest(tmp_path, monkeypatch, point):
-    beam = apply(TwoLayerNet(), BeamLoRAConfig(r=4, alpha=8.0, total_steps=40, interval=8))
+    model = TwoLayerNet()
+    beam = apply(model, BeamLoRAConfig(r=4, alpha=8.0, total_steps=40, interval=8))
     save_dir = str(tmp_path)
-    assert save_checkpoint(StandInEngine(2), beam, save_dir) == "global_step2"
+    assert save_checkpoint(StandInEngine(2, model), beam, save_dir) == "global_step2"
     if point != "torch.save":
         monkeypatch.setenv("BEAMLORA_DS_FAIL_WRITE_AT", f"{point}@4")
     said = "No space left" if point != "torch.save" else "PytorchStreamWriter failed writing"
     with pytest.raises(CheckpointWriteError, match=f"{said}.*'latest' \\(global_step2\\) are untouched"):
-        save_checkpoint(StandInEngine(4, full_disk=point == "torch.save"), beam, save_dir)
+        save_checkpoint(StandInEngine(4, model, full_disk=point == "torch.save"), beam, save_dir)
     assert (tmp_path / "latest").read_text() == "global_step2"
     assert manifest.verify(str(tmp_path / "global_step2")) is None
     assert not (tmp_path / "global_step4.partial").exists()  # what the failed save wrote is freed

@@ -143,6 +143,36 @@ def test_parts_share_the_hashing_each_file_once_but_all_check_sizes(tmp_path, mo
         verify(folder, part=(2, 2))
 
 
+def test_shares_balance_the_bytes_not_the_file_count():
+    """Each of n processes reads about 1/n of the bytes (at most one file more than an even split), every file once,
+    and the split is a function of the names and sizes only (every process computes the same one)."""
+    sizes = {f"zero_pp_rank_{i}_optim_states.pt": 100 for i in range(8)}
+    sizes.update({f"beamlora_state_rank{i}.pt": 1 for i in range(8)})
+    sizes["mp_rank_00_model_states.pt"] = 350  # one large file: its reader takes less of the rest
+    total = sum(sizes.values())
+    for count in (1, 2, 3, 8):
+        shares = [mf.share(sizes, (i, count)) for i in range(count)]
+        assert sorted(sum(shares, [])) == sorted(sizes)  # every file exactly once
+        loads = [sum(sizes[r] for r in share) for share in shares]
+        assert max(loads) <= total / count + max(sizes.values()), (count, loads)  # greedy's bound
+        assert mf.share(dict(reversed(list(sizes.items()))), (0, count)) == shares[0]
+    # by hand, largest first to the lighter process: 350 | 100 x 4; then the 100s alternate (450 | 500, 550 | 600);
+    # the eight 1s all go to the lighter one: 558 | 600
+    assert [sum(sizes[r] for r in mf.share(sizes, (i, 2))) for i in range(2)] == [558, 600]
+
+
+def test_a_manifest_from_shares_equals_one_process_reading_everything(tmp_path):
+    folder = str(tmp_path / "ckpt")
+    whole = make_checkpoint(folder)
+    entries = {}
+    for i in range(3):
+        entries.update(mf.checksum_entries(folder, (i, 3)))
+    from_shares = write_manifest(folder, os.path.basename(folder), 10, extra={"world_size": 2}, entries=entries)
+    assert from_shares["files"] == whole["files"]
+    with pytest.raises(ManifestError, match="no checksum was computed"):
+        write_manifest(folder, "ckpt", 10, entries=mf.checksum_entries(folder, (0, 3)))
+
+
 def test_only_limits_which_files_are_hashed(tmp_path):
     folder = str(tmp_path / "ckpt")
     make_checkpoint(folder)

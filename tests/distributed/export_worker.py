@@ -49,6 +49,7 @@ def train_and_export(stage, out_dir, rank):
     import deepspeed.comm as dist
 
     model = tiny_llama(seed=0)
+    model.config.name_or_path = "tiny-seed0"
     cfg = BeamLoRAConfig(r=4, alpha=8.0, dropout=0.0, tau=0.05, total_steps=STEPS, interval=4, p0=0.8, seed=0)
     beam = beamlora_ds.apply(model, cfg)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model), lr=1e-2)
@@ -72,6 +73,7 @@ def train_and_export(stage, out_dir, rank):
     adapter_dir = os.path.join(out_dir, f"adapter{stage}")
     save_adapter(engine, adapter_dir, base_model_name_or_path=os.path.join(out_dir, "base"))
     beamlora_ds.save_checkpoint(engine, beam, os.path.join(out_dir, f"ckpt{stage}"))
+    beamlora_ds.save_checkpoint(engine, beam, os.path.join(out_dir, f"full{stage}"), include_base=True)
     try:
         save_adapter(engine, adapter_dir)
         refused = torch.tensor([0])
@@ -79,7 +81,27 @@ def train_and_export(stage, out_dir, rank):
         refused = torch.tensor([1])
     dist.all_reduce(refused)
     return {"logits": logits, "weights": weights, "refused_on": int(refused.item()),
-            "resets": [(r["step"], len(r["pruned"])) for r in beam.history]}
+            "resets": [(r["step"], len(r["pruned"])) for r in beam.history],
+            "resumed": resume_on_a_fresh_base(stage, out_dir, cfg, seed=0),
+            "other_base": resume_on_a_fresh_base(stage, out_dir, cfg, seed=1)}
+
+
+def resume_on_a_fresh_base(stage, out_dir, cfg, seed):
+    """load_checkpoint(ckpt{stage}) into a freshly built base with `seed` (0: the trained one): the full fp32
+    adapter tensors it resumes to, or the error it refuses with."""
+    import deepspeed
+
+    model = tiny_llama(seed=seed)
+    model.config.name_or_path = f"tiny-seed{seed}"
+    beam = beamlora_ds.apply(model, cfg)
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model), lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage))
+    try:
+        beamlora_ds.load_checkpoint(engine, beam, os.path.join(out_dir, f"ckpt{stage}"))
+    except ValueError as e:
+        return str(e)
+    return {f"{name}.{key}": full_fp32(getattr(m, key), stage)
+            for name, m in zip(beam.module_names, beam.modules) for key in ("lora_A", "lora_B")}
 
 
 def main():

@@ -18,11 +18,11 @@ from safetensors.torch import load_file  # noqa: E402
 
 from beamlora_ds import testing  # noqa: E402
 from beamlora_ds.export import cli as export_cli  # noqa: E402
-from helpers import tiny_llama  # noqa: E402
+from helpers import base_tensors_in_checkpoint, tiny_llama  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STAGES = (3, 2, 0)
+STAGES = (3, 2, 1, 0)
 TIMEOUT_S = 240
 R, TAU = 4, 0.05  # as in the worker
 FIXED_IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))  # the worker's fixed input
@@ -82,6 +82,28 @@ def test_the_adapter_is_the_folded_fp32_master(run, stage):
             assert torch.equal(unfolded[f"{name}.{key}"], weights[f"{name}.{key}"])
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_checkpoints_hold_no_base_tensor_and_resume_on_the_base_they_trained(run, stage):
+    """Walked tensor by tensor, no file of the checkpoint holds a weight of the frozen base (whole, or a ZeRO-3
+    fragment); the same save with include_base=True does (so the walk can fail), and is larger. Loaded into a freshly
+    built base it resumes every adapter tensor exactly; into another base (other weights, same architecture) it is
+    refused on every process, naming both."""
+    out, result = run
+    base = tiny_llama(seed=0)
+    assert base_tensors_in_checkpoint(os.path.join(out, f"ckpt{stage}"), base) == []
+    assert base_tensors_in_checkpoint(os.path.join(out, f"full{stage}"), base)
+    assert folder_bytes(os.path.join(out, f"full{stage}")) > folder_bytes(os.path.join(out, f"ckpt{stage}"))
+    resumed, trained = result[stage]["resumed"], result[stage]["weights"]
+    assert isinstance(resumed, dict), resumed
+    assert all(torch.equal(resumed[k], trained[k]) for k in resumed) and len(resumed) == 28
+    refused = result[stage]["other_base"]
+    assert isinstance(refused, str) and "'tiny-seed0'" in refused and "'tiny-seed1'" in refused, refused
+
+
+def folder_bytes(folder):
+    return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(folder) for n in names)
+
+
 def test_a_second_save_is_refused_on_every_process_without_hanging(run):
     _, result = run
     assert [result[stage]["refused_on"] for stage in STAGES] == [2] * len(STAGES)
@@ -97,8 +119,8 @@ def test_cli_subprocess_on_the_zero3_checkpoint_writes_the_same_adapter(run):
     assert_same_adapter(target, os.path.join(out, "adapter3"))
 
 
-@pytest.mark.parametrize("stage", [2, 0])
-def test_cli_on_stage_2_and_0_checkpoints_writes_the_same_adapter(run, stage):
+@pytest.mark.parametrize("stage", [2, 1, 0])
+def test_cli_on_stage_2_1_and_0_checkpoints_writes_the_same_adapter(run, stage):
     out, _ = run
     target = os.path.join(out, f"cli{stage}")
     assert export_cli.main([os.path.join(out, f"ckpt{stage}"), target, "--tag", "global_step8",

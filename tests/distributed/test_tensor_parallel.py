@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tp_worker as worker
+from helpers import base_tensors_in_checkpoint
 from train_runs import launch_runs
 
 TIMEOUT_S = 420
@@ -105,6 +106,18 @@ def test_offline_export_of_a_tp_checkpoint_consolidates_the_slices(runs, stage):
             assert relative(getattr(state, key)[name], live[f"{name}.{key}"]) <= 1e-6, f"{name}.{key}"
     out = export_checkpoint(folder, os.path.join(runs["folder"], f"exported{stage}"))
     assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_tp_checkpoints_hold_no_tensor_of_the_base(runs, stage):
+    """Every tensor of every file of the TP=2 checkpoint, walked: none is a base weight, its tensor-parallel slice or
+    a ZeRO-3 fragment (the base is loaded from its source on resume)."""
+    from transformers import LlamaForCausalLM
+
+    from beamlora_ds.loading import builtin
+
+    base = LlamaForCausalLM(builtin.tiny_llama_config())
+    assert base_tensors_in_checkpoint(os.path.join(runs["folder"], f"end{stage}"), base, tp=2) == []
 
 
 def test_tp2_times_dp2_on_four_processes_follows_the_unsplit_run(runs):

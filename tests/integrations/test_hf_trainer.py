@@ -151,7 +151,7 @@ def test_adapter_only_states_load_strictly_and_nothing_else_does():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import beamlora_ds
-    from beamlora_ds.integrations.hf_trainer import allow_adapter_only_state
+    from beamlora_ds.checkpointing.load import allow_adapter_only_state
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))

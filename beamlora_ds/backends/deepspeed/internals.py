@@ -106,14 +106,27 @@ def checkpoint_writes_wrapped(engine, wrap: Callable[[Callable], Callable]) -> I
 
 
 @contextlib.contextmanager
-def frozen_parameters_left_out(engine) -> Iterator[None]:
-    """While inside, engine.save_checkpoint(...) leaves the frozen parameters out (exclude_frozen_parameters=True),
-    whoever calls it: the HF Trainer calls it itself, without that argument."""
+def base_left_out_of_checkpoints(engine) -> Iterator[None]:
+    """While inside, engine.save_checkpoint(...) writes no tensor of the frozen base, whoever calls it (the HF Trainer
+    calls it itself): `exclude_frozen_parameters=True` (no frozen parameter, no ZeRO-3 frozen fragment), and the
+    module state cut to the trainable parameters (a 4-bit base's quantization constants are buffers-like entries
+    of the state dict, not parameters, and DeepSpeed's flag keeps them)."""
+    trainable = {name for name, p in engine.module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    module_state_dict = engine.module_state_dict
+
+    def trainable_state(*args, **kwargs):
+        state = module_state_dict(*args, **kwargs)
+        if state is not None:  # a pipeline engine writes its layers itself and returns None
+            for key in [k for k in state if k not in trainable]:
+                del state[key]
+        return state
+
     engine.save_checkpoint = functools.partial(type(engine).save_checkpoint, engine, exclude_frozen_parameters=True)
+    engine.module_state_dict = trainable_state
     try:
         yield
     finally:
-        del engine.save_checkpoint  # the class's method again
+        del engine.save_checkpoint, engine.module_state_dict  # the class's methods again
 
 
 def convert_to_universal_files(input_folder: str, output_folder: str) -> None:

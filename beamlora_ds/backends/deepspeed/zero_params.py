@@ -3,7 +3,7 @@ persistence threshold that keeps the adapters resident."""
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Dict, Sequence
 
 import torch
 
@@ -57,3 +57,17 @@ def warn_if_adapters_not_persistent(modules: Sequence[BeamLoRALinear]) -> None:
             "(hundreds of tiny collectives per step). Set zero_optimization.stage3_param_persistence_threshold >= %d "
             "to keep them resident, at %.1f MB per GPU (bf16).", len(gathered), len(params),
             persistence_threshold_for(modules), elements * 2 / 2**20)
+
+
+def values_held_at(param: torch.Tensor, positions: Sequence[int]) -> Dict[int, float]:
+    """The values of `param` at flat `positions` that this process holds, without any communication: all of them
+    for a whole tensor; under ZeRO-3, those inside this process's shard (shard k of a parameter partitioned over
+    its `ds_process_group` holds the flat positions [k s, (k + 1) s), s the shard size)."""
+    if not is_zero3_param(param) or param.ds_tensor is None or param.numel() == param.ds_numel:
+        flat = param.detach().reshape(-1)
+        return {p: float(flat[p]) for p in positions if p < flat.numel()}
+    import deepspeed.comm as dist
+
+    shard = param.ds_tensor.detach().reshape(-1)
+    start = dist.get_rank(group=param.ds_process_group) * param.ds_tensor.ds_numel
+    return {p: float(shard[p - start]) for p in positions if start <= p < start + shard.numel() and p < param.ds_numel}
