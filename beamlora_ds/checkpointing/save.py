@@ -2,9 +2,11 @@
 not at all.
 
 The controller's snapshot is per process under ZeRO (each keeps its own shard), so the state goes into one file per
-data-parallel process beside DeepSpeed's own files (layout.py). Every process writes into `<tag>.partial`; once all
-have finished, the owner of the folders (folders.py) writes the manifest, flushes the folder, renames it to `<tag>`
-and only then moves `latest`. A process killed at any moment, or a write that fails (a full disk), leaves `latest`
+data-parallel process beside DeepSpeed's own files (layout.py). DeepSpeed's files hold the trainable state only: the
+frozen base is left out (it is loaded from its source on resume; base_identity.py records which one). Every process
+writes into `<tag>.partial`; once all have finished, each computes the checksums of its share of the bytes, and the
+owner of the folders (folders.py) writes them into the manifest, flushes the folder, renames it to `<tag>` and only
+then moves `latest`. A process killed at any moment, or a write that fails (a full disk), leaves `latest`
 naming the previous complete checkpoint; the next save clears the leftovers.
 """
 from __future__ import annotations

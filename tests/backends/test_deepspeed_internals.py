@@ -96,11 +96,15 @@ def test_checkpoint_writes_wrapped():
     assert "self.checkpoint_engine.save(" in source_of(DeepSpeedEngine)
 
 
-def test_frozen_parameters_left_out():
-    """engine.save_checkpoint takes `exclude_frozen_parameters`, which the Trainer does not pass."""
+def test_base_left_out_of_checkpoints():
+    """engine.save_checkpoint takes `exclude_frozen_parameters` (the Trainer does not pass it), and the module state
+    it saves comes from `self.module_state_dict(...)`, which the context manager cuts to the trainable parameters."""
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     assert "exclude_frozen_parameters" in parameters(DeepSpeedEngine.save_checkpoint)
+    assert "exclude_frozen_parameters" in parameters(DeepSpeedEngine.module_state_dict)
+    assert "self.module_state_dict(exclude_frozen_parameters=exclude_frozen_parameters)" in \
+        source_of(DeepSpeedEngine._save_checkpoint)
 
 
 def test_convert_to_universal_files():
