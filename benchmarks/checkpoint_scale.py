@@ -17,8 +17,9 @@ Extrapolated (marked so): Llama-2-70B, r 64 (the multi-node recipe), 64 processe
 `a x adapter parameters + b` over the measured models (a: bytes per adapter parameter, b: per-process files);
 write and hash rates are the measured per-process ones, each of the 64 processes writing and hashing its own
 share at that rate (a storage that keeps up with 64 writers: the optimistic case); the universal conversion runs
-in one process at its measured rate. The base-included figures: the bf16 module state (ZeRO-2: process 0 writes
-it whole) or fp32 fragments (ZeRO-3: 4 bytes per base parameter, spread over the processes).
+in one process at its measured rate. The base-included figures add 2 bytes per base parameter (bf16): the module
+state, which process 0 writes whole (ZeRO-2), or the frozen fragments in the parameters' dtype, spread over the
+processes (ZeRO-3).
 """
 import argparse
 import datetime
@@ -148,7 +149,7 @@ def extrapolate(rows: list, stage: int) -> dict:
     convert_rate = largest["adapter_only_bytes"] / largest["adapter_only_universal_s"]  # one process
     counts = llama_counts(LLAMA_70B, R_70B)
     adapter_only = per_param * counts["adapter_parameters"] + fixed / 2 * WORLD_70B
-    base = counts["base_parameters"] * (4 if stage == 3 else 2)
+    base = counts["base_parameters"] * 2  # bf16: the module state (ZeRO-2), the frozen fragments (ZeRO-3)
     base_writer_bytes = base / WORLD_70B if stage == 3 else base  # ZeRO-2: process 0 writes the module state
     return {"stage": stage, "adapter_parameters": counts["adapter_parameters"],
             "bytes_per_adapter_parameter": per_param, "per_process_fixed_bytes": fixed / 2,
@@ -163,7 +164,7 @@ def extrapolate(rows: list, stage: int) -> dict:
 
 
 def gb(n: float) -> str:
-    return f"{n / 1e9:.3f} GB" if n < 1e10 else f"{n / 1e9:.0f} GB"
+    return f"{n / 1e6:.2f} MB" if n < 1e8 else f"{n / 1e9:.2f} GB" if n < 1e10 else f"{n / 1e9:.0f} GB"
 
 
 def table(rows: list, extrapolated: list) -> str:
@@ -188,6 +189,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the tiny model only (CI smoke test)")
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "checkpoint_scale.json"))
+    p.add_argument("--measured", default=None,
+                   help="a JSON this script wrote: extrapolate its measured rows again, without launching")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -198,20 +201,13 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args.worker)
         return 0
-    from beamlora_ds import testing
-
-    with tempfile.TemporaryDirectory(prefix="checkpoint_scale_") as folder:
-        spec = {"folder": folder, "out": os.path.join(folder, "rows.json"), "stages": [2, 3],
-                "models": ["tiny"] if args.quick else list(MODELS)}
-        with open(os.path.join(folder, "spec.json"), "w") as f:
-            json.dump(spec, f)
-        proc = testing.run(testing.spawn_command(os.path.abspath(__file__), ["--worker",
-                                                 os.path.join(folder, "spec.json")], 2), timeout=1800, cwd=ROOT)
-        if proc.returncode != 0:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+    if args.measured:
+        with open(args.measured) as f:
+            rows = json.load(f)["measured"]
+    else:
+        rows = measure_in_processes(args.quick)
+        if rows is None:
             return 1
-        with open(spec["out"]) as f:
-            rows = json.load(f)
     extrapolated = [extrapolate(rows, stage) for stage in (2, 3)]
     print(table(rows, extrapolated))
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -219,6 +215,24 @@ def main(argv=None) -> int:
         json.dump({"measured": rows, "extrapolated_70b_64_processes": extrapolated, "r": R, "r_70b": R_70B,
                    "processes": 2, "device": "CPU (2 cores), gloo"}, f, indent=1)
     return 0
+
+
+def measure_in_processes(quick: bool):
+    """The measured rows of one 2-process launch of the worker (None when it failed, its output printed)."""
+    from beamlora_ds import testing
+
+    with tempfile.TemporaryDirectory(prefix="checkpoint_scale_") as folder:
+        spec = {"folder": folder, "out": os.path.join(folder, "rows.json"), "stages": [2, 3],
+                "models": ["tiny"] if quick else list(MODELS)}
+        with open(os.path.join(folder, "spec.json"), "w") as f:
+            json.dump(spec, f)
+        proc = testing.run(testing.spawn_command(os.path.abspath(__file__), ["--worker",
+                                                 os.path.join(folder, "spec.json")], 2), timeout=1800, cwd=ROOT)
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            return None
+        with open(spec["out"]) as f:
+            return json.load(f)
 
 
 if __name__ == "__main__":

@@ -119,9 +119,9 @@ def _training_and_output_options(p):
          help="let --resume change the global batch (the data order changes)")
     _add(g, "--save_steps", type=int, default=None, help="checkpoint every N optimizer steps; 0: at the end")
     _add(g, "--save_base", action="store_true",
-         help="checkpoints hold the frozen base too (model-sized: 140 GB at 70B in bf16, more in ZeRO-3's fp32 "
-              "fragments); by default they hold the adapter and its optimizer state, and the base is loaded from "
-              "--model_name_or_path again on resume (docs/checkpoints.md)")
+         help="checkpoints hold the frozen base too (model-sized: 138 GB more per checkpoint at 70B in bf16); by "
+              "default they hold the adapter and its optimizer state, and --resume loads the base from "
+              "--model_name_or_path again (docs/checkpoints.md)")
     _add(g, "--logging_steps", type=int, default=None, help="a log.jsonl record every N steps")
     _add(g, "--stop_after", type=int, default=0,
          help="checkpoint and exit after this step (to fit a job time limit; continue with --resume)")

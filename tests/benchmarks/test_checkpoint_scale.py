@@ -37,7 +37,8 @@ def test_the_extrapolation_follows_its_stated_rule():
     assert e["bytes_per_adapter_parameter"] == pytest.approx(10) and e["per_process_fixed_bytes"] == pytest.approx(1000)
     assert e["adapter_only_bytes"] == pytest.approx(10 * adapter_params + 64 * 1000)
     assert e["adapter_only_save_s"] == pytest.approx(e["adapter_only_bytes"] / 64 / 1e9)
-    assert e["with_base_bytes"] == pytest.approx(e["adapter_only_bytes"] + 4 * 68976648192)  # fp32 fragments
+    assert e["with_base_bytes"] == pytest.approx(e["adapter_only_bytes"] + 2 * 68976648192)  # bf16 fragments
+    assert e["with_base_save_s"] == pytest.approx((e["adapter_only_bytes"] + 2 * 68976648192) / 64 / 1e9)
 
 
 @pytest.mark.slow  # one 2-process launch, about 30 s
