@@ -80,7 +80,10 @@ def train_and_export(stage, out_dir, rank):
     except FileExistsError:
         refused = torch.tensor([1])
     dist.all_reduce(refused)
+    from beamlora_ds.checkpointing.base_identity import base_identity
+
     return {"logits": logits, "weights": weights, "refused_on": int(refused.item()),
+            "fingerprint": base_identity(engine.module)["fingerprint"],
             "resets": [(r["step"], len(r["pruned"])) for r in beam.history],
             "resumed": resume_on_a_fresh_base(stage, out_dir, cfg, seed=0),
             "other_base": resume_on_a_fresh_base(stage, out_dir, cfg, seed=1)}

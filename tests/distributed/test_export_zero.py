@@ -18,6 +18,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from beamlora_ds import testing  # noqa: E402
 from beamlora_ds.export import cli as export_cli  # noqa: E402
+import beamlora_ds  # noqa: E402
+from beamlora_ds.checkpointing.base_identity import base_identity  # noqa: E402
 from helpers import base_tensors_in_checkpoint, tiny_llama  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_worker.py")
@@ -25,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STAGES = (3, 2, 1, 0)
 TIMEOUT_S = 240
 R, TAU = 4, 0.05  # as in the worker
+BEAMLORA = beamlora_ds.BeamLoRAConfig(r=R, alpha=8.0, total_steps=8, interval=4)  # wraps the base as the worker's
 FIXED_IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))  # the worker's fixed input
 
 
@@ -98,6 +101,9 @@ def test_checkpoints_hold_no_base_tensor_and_resume_on_the_base_they_trained(run
     assert all(torch.equal(resumed[k], trained[k]) for k in resumed) and len(resumed) == 28
     refused = result[stage]["other_base"]
     assert isinstance(refused, str) and "'tiny-seed0'" in refused and "'tiny-seed1'" in refused, refused
+    # the fingerprint read through the engine (ZeRO-3: sampled from the shards) is the unwrapped base's
+    beamlora_ds.apply(base, BEAMLORA)
+    assert result[stage]["fingerprint"] == base_identity(base)["fingerprint"]
 
 
 def folder_bytes(folder):

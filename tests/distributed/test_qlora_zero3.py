@@ -17,7 +17,11 @@ match the 1-process run that never stopped: one comparison covers the split and 
 import os
 
 import pytest
+import torch
+from transformers import LlamaForCausalLM
 
+from beamlora_ds.loading import builtin
+from helpers import base_tensors_in_checkpoint
 from train_runs import launch_train, read_log
 
 ARGS = ["--model_name_or_path", "builtin-tiny", "--quantization", "nf4", "--ds_config", "ds_configs/qlora_zero3.json",
@@ -48,8 +52,9 @@ def one_process(tmp_path_factory):
 
 
 def test_qlora_zero3_two_processes_train_stop_resume_reset_and_checkpoint(two_processes_stopped_and_resumed):
-    """A DeepSpeed checkpoint of a 4-bit model holds the Linear4bit quantization constants under keys a strict
-    load_state_dict rejects; load_4bit_model makes them loadable, so the stopped run resumes and finishes."""
+    """The stopped run resumes and finishes; its checkpoints hold no tensor of the 4-bit base: neither a weight
+    (packed or whole) nor the Linear4bit quantization constants, which DeepSpeed's exclude_frozen_parameters alone
+    keeps (the base is quantized again from its source on resume)."""
     out, first, second = two_processes_stopped_and_resumed
     assert "Loaded builtin-tiny in 4-bit NF4 (double quantization): 14 linear layers quantized, compute fp32" in first
     assert "ZeRO-3 fp32 | 2 processes" in first and "stopped after step 3" in first
@@ -61,6 +66,13 @@ def test_qlora_zero3_two_processes_train_stop_resume_reset_and_checkpoint(two_pr
     assert [r["when"] for r in log if r["type"] == "eval"] == ["before", "after"]
     assert os.path.isfile(os.path.join(out, "checkpoints", "global_step6", "beamlora_state_rank1.pt"))
     assert "done: 6 steps, 2 resets" in second
+    base = LlamaForCausalLM(builtin.tiny_llama_config())
+    for tag in ("global_step3", "global_step6"):
+        folder = os.path.join(out, "checkpoints", tag)
+        assert base_tensors_in_checkpoint(folder, base) == []
+        for name in (n for n in os.listdir(folder) if n.endswith("model_states.pt")):
+            module = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=False)["module"]
+            assert module and all(key.endswith(("lora_A", "lora_B", "lora_score")) for key in module), sorted(module)
 
 
 def test_qlora_zero3_two_processes_stopped_and_resumed_match_one_process(two_processes_stopped_and_resumed,
