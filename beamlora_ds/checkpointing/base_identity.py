@@ -64,8 +64,8 @@ def identity_problem(saved: Optional[dict], current: dict, tag: str) -> Optional
         return None
     return (f"Checkpoint {tag!r} was trained on the base {saved.get('name')!r} (fingerprint {saved['fingerprint']}), "
             f"but this run loaded {current.get('name')!r} (fingerprint {current['fingerprint']}): other weights. "
-            "Checkpoints hold the adapter, not the base; resume with the base the run trained "
-            f"(--model_name_or_path {saved.get('name')}), or start a new run in another output folder.")
+            "Checkpoints hold the adapter, not the base; load the base the run trained (launch/train.py: "
+            f"--model_name_or_path {saved.get('name')}), or start a new run in another output folder.")
 
 
 def _sampled_parameters(model) -> Dict[str, tuple]:

@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 
 from ..backends import coordination
 from ..backends.deepspeed.internals import base_left_out_of_checkpoints
+from ..checkpointing.base_identity import base_identity, identity_problem
 from ..checkpointing.layout import STATE_FILE
 from ..checkpointing.load import allow_adapter_only_state
 from ..export.adapter_format import STATE_CONFIG, load_state, write_adapter
@@ -138,9 +139,12 @@ def refuse_unresumable_checkpoint(trainer, resume_from_checkpoint) -> None:
     if not folder or not beams:
         return
     path = os.path.join(folder, STATE_FILE.format(rank=trainer.args.process_index))
-    saved = torch.load(path, map_location="cpu", weights_only=False)["beamlora"] if os.path.isfile(path) else None
-    problem = beams[0].resume_problem(saved) if saved is not None else None  # a missing file: the callback says
+    saved = torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else {}
+    problem = beams[0].resume_problem(saved["beamlora"]) if saved else None  # a missing file: the callback says
     coordination.all_ranks_or_raise(problem is None, f"Checkpoint {folder!r}: {problem}", ValueError)
+    # checkpoint-N holds the adapter, not the base: the one the Trainer was given must be the one it trained
+    problem = identity_problem(saved.get("base"), base_identity(trainer.model), os.path.basename(folder))
+    coordination.all_ranks_or_raise(problem is None, problem or "", ValueError)
 
 
 def write_adapter_into(model_or_engine, folder: str, collective: bool = True) -> None:
@@ -228,5 +232,6 @@ class BeamLoRACallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, STATE_FILE.format(rank=self._rank()))
-        torch.save({"beamlora": self.beam.state_dict()}, path + ".tmp")
+        base = base_identity(self.trainer.model)  # on every process (a gather under ZeRO-3): the checkpoint's base
+        torch.save({"beamlora": self.beam.state_dict(), "base": base}, path + ".tmp")
         os.replace(path + ".tmp", path)

@@ -145,6 +145,22 @@ def test_a_trainer_checkpoint_of_another_state_version_is_refused_before_loading
         hf_worker.train(str(tmp_path / "part"), resume=True)
 
 
+def test_a_trainer_checkpoint_of_another_base_is_refused_before_loading(tmp_path):
+    """checkpoint-N records the base it trained (its fingerprint): resuming it on other weights is refused by
+    train(resume_from_checkpoint=True), naming both, before the Trainer loads the adapter onto them."""
+    import hf_worker
+
+    hf_worker.train(str(tmp_path / "part"), stop_at=6)
+    path = tmp_path / "part" / "checkpoint-6" / "beamlora_state_rank0.pt"
+    state = torch.load(str(path), weights_only=False)
+    assert len(state["base"]["fingerprint"]) == 16 and state["base"]["name"] == "builtin-tiny"
+    state["base"] = {"name": "another-base", "fingerprint": "0123456789abcdef"}
+    torch.save(state, str(path))
+    with pytest.raises(ValueError, match="'checkpoint-6' was trained on the base 'another-base' .*but this run "
+                                         "loaded 'builtin-tiny'"):
+        hf_worker.train(str(tmp_path / "part"), resume=True)
+
+
 def test_adapter_only_states_load_strictly_and_nothing_else_does():
     """The hook attach() registers: a state missing only frozen tensors (all of them, or all but a tied output
     embedding, which DeepSpeed keeps under its second name) loads strictly; a missing adapter tensor still fails."""
