@@ -15,8 +15,10 @@ load is done this way (docs/platform.md):
 - With several processes under ZeRO-3 the load is bounded (docs/qlora.md, "Loading at scale"): the processes of a
   node load in turns, every process but rank 0 drops its weights right after its turn, and once all have loaded
   the model is partitioned from rank 0's copy, one parameter at a time (staggered.py). A node then holds about one
-  whole model at a time instead of one per process. `BEAMLORA_DS_4BIT_LOAD=together` (or `in_turns=False`) loads
-  on every process at once instead (for comparison).
+  whole model at a time instead of one per process. `BEAMLORA_DS_4BIT_LOAD=turns:K` lets K processes per node
+  load at a time (K models' memory, ceil(L / K) turns); `BEAMLORA_DS_4BIT_LOAD=together` (or `in_turns=False`)
+  loads on every process at once instead (for comparison). A load alone (one process, or not under ZeRO-3) maps
+  large blocks as a turn does (staggered.large_blocks_mapped), unless the old way is asked for.
 - No `peft.prepare_model_for_kbit_training`: of what it does, freezing the base is kept; its fp32 upcast of norms,
   embeddings and lm_head is not, since DeepSpeed casts every float parameter back to the training dtype at
   initialize, and the adapters get fp32 masters and moments from DeepSpeed's optimizer anyway. Input gradients
@@ -26,6 +28,7 @@ load is done this way (docs/platform.md):
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -44,7 +47,7 @@ from .hf_zero3 import enable_zero3_loading
 
 logger = logging.getLogger(__name__)
 
-LOAD_MODE_VARIABLE = "BEAMLORA_DS_4BIT_LOAD"  # "turns" (default) or "together": see loads_in_turns
+LOAD_MODE_VARIABLE = "BEAMLORA_DS_4BIT_LOAD"  # "turns" (default), "turns:K" or "together": see loads_in_turns
 
 
 def load_4bit_model(path: str, ds_config: Optional[dict], compute_dtype: torch.dtype = torch.bfloat16,
@@ -72,7 +75,11 @@ def load_4bit_model(path: str, ds_config: Optional[dict], compute_dtype: torch.d
             staggered.drop_weights_rank0_will_send(model)
         return model
 
-    model = staggered.load_in_turns(load, what=path) if turns else load()
+    if turns:
+        model = staggered.load_in_turns(load, what=path, at_once=loaders_per_node() or 1)
+    else:
+        with staggered.large_blocks_mapped() if _maps_large_blocks(in_turns) else contextlib.nullcontext():
+            model = load()
     if early:
         staggered.partition_from_rank0(model, ds_config, settings.model_dtype)
     logger.info("Loaded %s in 4-bit NF4%s: %d linear layers quantized, compute %s, storage %s%s",
@@ -86,12 +93,31 @@ def loads_in_turns(settings: FourBitSettings, in_turns: Optional[bool] = None) -
     """Whether `load_4bit_model` bounds loading (docs/qlora.md, "Loading at scale"): under ZeRO-3 with more than
     one process, unless `in_turns=False` or $BEAMLORA_DS_4BIT_LOAD=together (the unbounded way, for comparison)."""
     if in_turns is None:
-        mode = os.environ.get(LOAD_MODE_VARIABLE, "turns")
-        if mode not in ("turns", "together"):
-            raise QuantizationError(f"{LOAD_MODE_VARIABLE}={mode!r}: use \"turns\" (the default: one process per "
-                                    "node loads at a time) or \"together\" (every process at once).")
-        in_turns = mode == "turns"
+        in_turns = loaders_per_node() is not None
     return bool(in_turns) and settings.zero_stage == 3 and coordination.is_distributed()
+
+
+def loaders_per_node() -> Optional[int]:
+    """How many processes of a node load at a time as $BEAMLORA_DS_4BIT_LOAD says: "turns" (the default) 1,
+    "turns:K" K, "together" None (every process at once, keeping its copy until deepspeed.initialize). K trades
+    host memory for time: about K whole 4-bit models per node at the peak, ceil(L / K) loads one after another
+    (docs/qlora.md, "Loading at scale")."""
+    mode = os.environ.get(LOAD_MODE_VARIABLE, "turns").strip()
+    if mode == "together":
+        return None
+    name, colon, count = mode.partition(":")
+    if name == "turns" and (not colon or (count.isdigit() and int(count) >= 1)):
+        return int(count) if colon else 1
+    raise QuantizationError(f"{LOAD_MODE_VARIABLE}={mode!r}: use \"turns\" (the default: one process per node "
+                            "loads at a time), \"turns:K\" (K processes per node at a time, K a whole number >= 1) "
+                            "or \"together\" (every process at once).")
+
+
+def _maps_large_blocks(in_turns: Optional[bool]) -> bool:
+    """A load that is not in turns (one process, or no ZeRO-3) maps large blocks too (staggered.large_blocks_mapped:
+    one process's peak about the 4-bit model, instead of 1.1-3.1 times it by chance), unless the old way is asked
+    for (in_turns=False, $BEAMLORA_DS_4BIT_LOAD=together)."""
+    return in_turns if in_turns is not None else loaders_per_node() is not None
 
 
 def _partitioned_from_rank0(ds_config: Optional[dict]) -> bool:

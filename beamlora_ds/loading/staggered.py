@@ -5,9 +5,9 @@ Under ZeRO-3 a 4-bit (bitsandbytes) model cannot be partitioned while it loads: 
 model (docs/platform.md, "4-bit under ZeRO-3 loads whole"). Three steps bound a node's peak (docs/qlora.md,
 "Loading at scale"):
 
-- `load_in_turns`: the processes of a node load in turns (local rank `L-1` first, local rank 0 last); every turn
-  ends with one all-reduce that all processes enter, which also makes an error of the loading process raise on
-  every process together (none is left waiting in the next turn).
+- `load_in_turns`: the processes of a node load in turns (local rank `L-1` first, local rank 0 last; or `K` at a
+  time, `turns:K`); every turn ends with one all-reduce that all processes enter, which also makes an error of the
+  loading process raise on every process together (none is left waiting in the next turn).
 - `drop_weights_rank0_will_send`: DeepSpeed partitions a parameter by broadcasting it from the first process of
   its partition group (global rank 0) and keeping a shard, so the values every other process loaded are
   overwritten anyway. Those processes drop them right after their turn (the storage becomes an unwritten memory
@@ -73,15 +73,16 @@ def local_rank_and_size() -> tuple:
     return 0, 1
 
 
-def load_in_turns(load: Callable[[], T], what: str = "the model") -> T:
-    """`load()` on every process, one process per node at a time; returns its result. Call on every process.
+def load_in_turns(load: Callable[[], T], what: str = "the model", at_once: int = 1) -> T:
+    """`load()` on every process, `at_once` processes per node at a time (default one); returns its result. Call
+    on every process.
 
-    Every process enters the same number of turns (the largest node's process count, agreed by an all-reduce),
-    each ending with an all-reduce; an exception in `load` on any process makes every process raise `LoadError`
-    after that turn (the failing process chains its own exception)."""
+    Every process enters the same number of turns (the largest node's, agreed by an all-reduce), each ending with
+    an all-reduce; an exception in `load` on any process makes every process raise `LoadError` after that turn
+    (the failing process chains its own exception)."""
     local_rank, local_size = local_rank_and_size()
-    turns = _largest_over_processes(local_size)
-    mine = turns - 1 - local_rank  # local rank 0 (global rank 0 on its node) loads last and keeps its copy
+    turns = _largest_over_processes(turns_for(local_size, at_once))
+    mine = turn_of(local_rank, turns, at_once)
     result, failure = None, None
     for turn in range(turns):
         if turn == mine:
@@ -97,6 +98,19 @@ def load_in_turns(load: Callable[[], T], what: str = "the model") -> T:
             raise LoadError(f"Loading {what} failed on process(es) {failed} (in turn {turn + 1} of {turns}); "
                             f"{'this process: ' + repr(failure) if failure else 'see their output'}.") from failure
     return result
+
+
+def turns_for(local_size: int, at_once: int) -> int:
+    """How many turns a node of `local_size` processes needs when `at_once` of them load together."""
+    if at_once < 1:
+        raise ValueError(f"at_once={at_once}: at least one process per node must load at a time")
+    return -(-local_size // at_once)
+
+
+def turn_of(local_rank: int, turns: int, at_once: int) -> int:
+    """The turn (0-based, of `turns`) in which local rank `local_rank` loads: local ranks 0 .. at_once-1 load in
+    the last turn (global rank 0, whose copy is kept, last), the next `at_once` in the turn before, and so on."""
+    return turns - 1 - local_rank // at_once
 
 
 def _largest_over_processes(value: int) -> int:
