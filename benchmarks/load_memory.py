@@ -25,13 +25,13 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from host_memory import MiB, NodeSampler, status_bytes  # noqa: E402  (beside this file)
+
 MODES = ("together", "turns")
-MiB = 2 ** 20
 
 
 def parse(argv=None):
@@ -60,65 +60,6 @@ def parse(argv=None):
         args.hidden, args.intermediate, args.layers, args.heads, args.vocab = 512, 1376, 2, 4, 4096
         args.repeats = 1
     return args
-
-
-# ------------------------------------------------------------------------------------------ measuring
-def status_bytes(pid="self") -> dict:
-    """VmRSS, VmHWM and RssAnon of a process, in bytes ({} once it is gone)."""
-    values = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM", "RssAnon"):
-                    values[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return values
-
-
-class NodeSampler:
-    """Every 20 ms: the anonymous and total resident memory of the worker processes that announced themselves
-    (a pid file each in `folder`), per process and summed at that instant; keeps the peaks. Stops when a worker
-    writes its `.measured` file (after deepspeed.initialize: what comes later is the benchmark's own check)."""
-
-    def __init__(self, folder: str, every_s: float = 0.02):
-        self.folder, self.every_s = folder, every_s
-        self.peak_anon, self.peak_rss, self.node_anon, self.node_rss = {}, {}, 0, 0
-        self.timeline = []  # (time.time(), {rank: anonymous MiB}) every ~0.5 s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self):
-        last = time.time()
-        while not self._stop.is_set() and not glob.glob(os.path.join(self.folder, "*.measured")):
-            anon_sum = rss_sum = 0
-            now, sample = time.time(), {}
-            for path in glob.glob(os.path.join(self.folder, "rank*.pid")):
-                rank = os.path.basename(path)[4:-4]
-                try:
-                    with open(path) as f:
-                        values = status_bytes(int(f.read()))
-                except (OSError, ValueError):
-                    continue
-                anon, rss = values.get("RssAnon", 0), values.get("VmRSS", 0)
-                sample[rank] = round(anon / MiB)
-                self.peak_anon[rank] = max(self.peak_anon.get(rank, 0), anon)
-                self.peak_rss[rank] = max(self.peak_rss.get(rank, 0), rss)
-                anon_sum, rss_sum = anon_sum + anon, rss_sum + rss
-            self.node_anon, self.node_rss = max(self.node_anon, anon_sum), max(self.node_rss, rss_sum)
-            if sample and now - last >= 0.5:
-                self.timeline.append((round(now, 1), sample))
-                last = now
-            self._stop.wait(self.every_s)
 
 
 # --------------------------------------------------------------------------------------- launcher side
