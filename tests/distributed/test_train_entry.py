@@ -1,6 +1,7 @@
 """launch/train.py end to end under `deepspeed --num_gpus 2` (tiny built-in model): it trains, resets and writes
 everything, loads a saved model folder partitioned under ZeRO-3, and leaves no DeepSpeed /dev/shm buffer behind.
 (Stopping with --stop_after and continuing with --resume is checked with the kills in test_kill_resume.py.)"""
+import json
 import os
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from beamlora_ds import testing
 from beamlora_ds.loading import builtin, models
+from helpers import base_tensors_in_checkpoint
 from train_runs import ROOT, TRAIN, read_log
 
 
@@ -37,14 +39,16 @@ def test_local_checkpoint_is_partitioned_at_load_under_zero3_and_no_shm_buffer_i
     """A saved HF model folder loads under ZeRO-3 already partitioned (HfDeepSpeedConfig alive before
     from_pretrained), the path a 70B model takes; then trains and writes its adapter. DeepSpeed's CPU comm op leaks
     a 64 MB /dev/shm file per process and run; train.py removes its own: the launch runs inside a shell that lists
-    the port's buffers once deepspeed has exited (before testing.run's own clean-up)."""
+    the port's buffers once deepspeed has exited (before testing.run's own clean-up). With --save_base, its
+    checkpoint holds the base too."""
     model_dir = tmp_path / "model"
     models.load_model(builtin.BUILTIN_TINY, torch.float32, {}).save_pretrained(model_dir)
     builtin.char_tokenizer().save_pretrained(model_dir)
     out = tmp_path / "out"
     cmd = testing.spawn_command(TRAIN, ["--output_dir", out, "--ds_config", "ds_configs/zero3.json",
                                             "--model_name_or_path", model_dir, "--lora_r", "8", "--max_steps", "8",
-                                            "--interval", "4", "--logging_steps", "1", "--max_length", "64"])
+                                            "--interval", "4", "--logging_steps", "1", "--max_length", "64",
+                                            "--save_base"])
     proc = testing.run(["sh", "-c", LIST_SHM_AFTER, "sh", *cmd], timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(l for l in (proc.stdout + proc.stderr).splitlines() if "loaded partitioned" in l)
@@ -53,3 +57,7 @@ def test_local_checkpoint_is_partitioned_at_load_under_zero3_and_no_shm_buffer_i
     assert 0 < held < total  # this process holds a shard, not the model
     assert os.path.isfile(out / "adapter" / "adapter_model.safetensors")
     assert proc.stdout.split("leftover buffers:")[1].split() == []
+    # --save_base: the checkpoint holds the base too (ZeRO-3 fragments), and its manifest says so
+    checkpoint = out / "checkpoints" / "global_step8"
+    assert base_tensors_in_checkpoint(str(checkpoint), models.load_model(builtin.BUILTIN_TINY, torch.float32, {}))
+    assert json.loads((checkpoint / "manifest.json").read_text())["extra"]["base"]["included"] is True
