@@ -4,10 +4,13 @@ Checkpoints hold no tensor of the frozen base (it is loaded again from its sourc
 would go on training an adapter fitted to other weights, without an error. The record is the name or path the base
 was loaded from and a fingerprint: a hash of the architecture (model type and sizes from the config, the 4-bit
 settings, the number of parameters) and of values sampled at fixed flat positions from the input embedding and
-from every one-dimensional frozen parameter (the norms). Those tensors are never split by tensor parallelism nor
-quantized, and the positions are read wherever ZeRO-3 put them, so the fingerprint is the same on every process,
-at every ZeRO stage and on any number of processes. A base that differs only in its projection weights (another
-LoRA merged into the same base) has the same fingerprint (the names, when they differ, are logged).
+from every one-dimensional frozen parameter (norms, biases). Those are never quantized, and the positions are read
+wherever ZeRO-3 put them, so without tensor parallelism the fingerprint does not depend on the ZeRO stage or the
+number of processes. Under tensor parallelism some of them may be slices (a vocabulary-parallel embedding, the bias
+of a column-parallel layer) that differ between the processes of a group, so the fingerprint is process 0's,
+agreed by every process: a resume compares it under the same tensor-parallel layout (another one is refused
+before, by the controller's state). A base that differs only in its projection weights (another LoRA merged into
+the same base) has the same fingerprint (the names, when they differ, are logged).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Dict, Optional
 import torch
 
 from ..backends import coordination
-from ..backends.deepspeed.zero_params import values_held_at
+from ..backends.deepspeed.zero_params import is_zero3_param, values_held_at
 from ..backends.wrappers import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -31,14 +34,14 @@ ARCHITECTURE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", 
 
 
 def base_identity(model) -> dict:
-    """{"name", "fingerprint"} of the frozen base under `model` (a model or an engine). Call on every process (one
-    gather of the sampled values under ZeRO-3); the result is the same on all of them."""
+    """{"name", "fingerprint"} of the frozen base under `model` (a model or an engine): process 0's, on every
+    process. Call on every process (one gather of the result, one more of the sampled values under ZeRO-3)."""
     model = unwrap_model(model)
     config = getattr(model, "config", None)
     sampled = _sampled_parameters(model)
     held: Dict[str, Dict[int, float]] = {name: values_held_at(param, positions)
                                          for name, (param, positions) in sampled.items()}
-    if any(_full_numel(param) != param.numel() for param, _ in sampled.values()):  # ZeRO-3 shards: every process's
+    if any(is_zero3_param(param) for param, _ in sampled.values()):  # ZeRO-3 shards: every process's values
         merged: Dict[str, Dict[int, float]] = {name: {} for name in sampled}
         for values in coordination.all_values(held):
             for name, found in values.items():
@@ -49,7 +52,8 @@ def base_identity(model) -> dict:
         digest.update(name.encode())
         values = torch.tensor([held[name][p] for p in sorted(held[name])], dtype=torch.float64)
         digest.update(values.to(torch.bfloat16).float().numpy().tobytes())  # a bf16 and an fp32 load agree
-    return {"name": getattr(config, "name_or_path", None) or None, "fingerprint": digest.hexdigest()[:16]}
+    mine = {"name": getattr(config, "name_or_path", None) or None, "fingerprint": digest.hexdigest()[:16]}
+    return coordination.all_values(mine)[0]
 
 
 def identity_problem(saved: Optional[dict], current: dict, tag: str) -> Optional[str]:
@@ -62,10 +66,11 @@ def identity_problem(saved: Optional[dict], current: dict, tag: str) -> Optional
             logger.info("Checkpoint %r was trained on %r, this run loaded %r: the same weights (fingerprint %s).",
                         tag, saved.get("name"), current.get("name"), current["fingerprint"])
         return None
+    way = (f"load the base the run trained (launch/train.py: --model_name_or_path {saved['name']})"
+           if saved.get("name") else "load the base the run trained (it recorded no name: a model built in code?)")
     return (f"Checkpoint {tag!r} was trained on the base {saved.get('name')!r} (fingerprint {saved['fingerprint']}), "
             f"but this run loaded {current.get('name')!r} (fingerprint {current['fingerprint']}): other weights. "
-            "Checkpoints hold the adapter, not the base; load the base the run trained (launch/train.py: "
-            f"--model_name_or_path {saved.get('name')}), or start a new run in another output folder.")
+            f"Checkpoints hold the adapter, not the base; {way}, or start a new run in another output folder.")
 
 
 def _sampled_parameters(model) -> Dict[str, tuple]:

@@ -33,7 +33,6 @@ def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[s
     node_local = node_local_storage(engine)
     tag = _choose_tag(load_dir, tag, fallback, node_local)
     folder = os.path.join(load_dir, tag)
-    _check_base(engine, folder, tag)
     every = coordination.all_values(_saved_world_size(folder))
     coordination.all_ranks_or_raise(len(set(every)) == 1, f"The processes see different checkpoints in {folder!r} "
                                     f"(written by {sorted(set(every))} processes): point every node at the same "
@@ -47,6 +46,7 @@ def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[s
                                         f"checkpoint {tag!r} was not written by beamlora_ds.save_checkpoint.")
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         _check_fits(state["beamlora"], beam, tag)
+        _check_base(engine, folder, tag)
         with adapter_only_loads(engine):
             path, client_state = engine.load_checkpoint(load_dir, tag=tag)
         saved, rng = state["beamlora"], state["rng"]
@@ -85,8 +85,9 @@ def allow_adapter_only_state(model, incompatible_keys) -> None:
 
 
 def _check_base(engine, folder: str, tag: str) -> None:
-    """Refuse, on every process and before anything is read, a checkpoint trained on another base than this run
-    loaded (its manifest records the base's fingerprint: base_identity.py)."""
+    """Refuse, on every process and before DeepSpeed reads anything, a checkpoint trained on another base than this
+    run loaded (its manifest records the base's fingerprint: base_identity.py). After _check_fits: another
+    tensor-parallel layout is refused there, with its own message."""
     current = base_identity(engine.module)  # on every process: a gather under ZeRO-3
     try:
         saved = ((manifest.read_manifest(folder) or {}).get("extra") or {}).get("base")
@@ -125,6 +126,7 @@ def _load_on_new_world_size(engine, beam, load_dir: str, tag: str, saved_world: 
         raise CheckpointDamagedError(f"Cannot read the BeamLoRA state of checkpoint {tag!r}: {problem}")
     saved = states[0]["beamlora"]
     _check_fits(saved, beam, tag)
+    _check_base(engine, os.path.join(load_dir, tag), tag)
     if stage == 0:  # ZeRO-0 keeps whole tensors and one optimizer state: DeepSpeed loads it on any world size
         with adapter_only_loads(engine):
             path, client_state = engine.load_checkpoint(load_dir, tag=tag)

@@ -91,10 +91,17 @@ def share(sizes: Dict[str, int], part: Tuple[int, int]) -> List[str]:
     return sorted(mine)
 
 
-def checksum_entries(folder: str, part: Tuple[int, int] = (0, 1)) -> Dict[str, dict]:
+def file_sizes(folder: str) -> Dict[str, int]:
+    """{relative path: size} of the files a manifest of `folder` lists."""
+    return {rel: os.path.getsize(os.path.join(folder, *rel.split("/"))) for rel in _files(folder)}
+
+
+def checksum_entries(folder: str, part: Tuple[int, int] = (0, 1), sizes: Optional[Dict[str, int]] = None
+                     ) -> Dict[str, dict]:
     """{relative path: {"size", algorithm: checksum}} for this process's share (`share`) of the files in `folder`;
-    the shares of all part[1] processes together cover every file once."""
-    sizes = {rel: os.path.getsize(os.path.join(folder, *rel.split("/"))) for rel in _files(folder)}
+    the shares of all part[1] processes together cover every file once when they split the same listing: `sizes`
+    (file_sizes as one process saw it, handed to all; by default this process's own listing)."""
+    sizes = file_sizes(folder) if sizes is None else sizes
     entries = {}
     for rel in share(sizes, part):
         algo = "crc32" if _is_deepspeeds(rel) else "sha256"

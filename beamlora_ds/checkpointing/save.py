@@ -41,8 +41,8 @@ def save_checkpoint(engine, beam: BeamController, save_dir: str, tag: Optional[s
 
     The checkpoint holds what training changes (adapters, their fp32 masters and moments, the BeamLoRA state), not
     the frozen base: a resume loads the base from its source again, and load_checkpoint refuses another base (its
-    fingerprint is recorded in the manifest). `include_base=True` writes the base too (DeepSpeed's full checkpoint,
-    the size of the model in the training dtype, or in fp32 fragments under ZeRO-3)."""
+    fingerprint is recorded in the manifest). `include_base=True` writes the base too (DeepSpeed's full checkpoint:
+    the model's size in the training dtype more, whole from process 0 under ZeRO 0-2, in fragments under ZeRO-3)."""
     tag = validate_tag(str(tag or f"global_step{engine.global_steps}"))
     problem = beam.step_count_problem(engine)  # a forgotten or extra beam.step() shows here, not silently later
     if problem and coordination.is_process_zero():
@@ -89,13 +89,22 @@ def save_checkpoint(engine, beam: BeamController, save_dir: str, tag: Optional[s
 
 def _checksums_in_shares(engine, folder: str, failed: list) -> dict:
     """The manifest's checksums, each process reading about its share of the bytes (manifest.share) of the folder
-    it writes into; what the processes publishing into the owner's folder computed, merged (on every process: one
-    gather, whatever happened here)."""
+    it writes into. The shares split one listing, the publisher's, handed to every process (a file system whose
+    listings lag on some node then fails a read, which is reported, instead of leaving a file to nobody); what the
+    processes of the publisher's folder computed is merged. On every process: two gathers, whatever happens here.
+    With node-local storage the ranks of a node are taken to be consecutive (DeepSpeed's launcher, torchrun)."""
     node_local = node_local_storage(engine)
-    entries: dict = {}
-    with _failure_recorded(failed):
-        entries = manifest.checksum_entries(folder, reading_part(node_local))
     mine = same_folder_as_owner(node_local)
+    listing = None
+    if owns_folders(engine):
+        with _failure_recorded(failed):
+            listing = manifest.file_sizes(folder)
+    listings = {publisher: found for publisher, found in coordination.all_values((mine, listing))
+                if found is not None}
+    entries: dict = {}
+    if mine in listings:  # else the publisher could not list the folder: its failure is reported
+        with _failure_recorded(failed):
+            entries = manifest.checksum_entries(folder, reading_part(node_local), listings[mine])
     merged: dict = {}
     for publisher, found in coordination.all_values((mine, entries)):
         if publisher == mine:
@@ -123,7 +132,7 @@ def _failure_recorded(failed: list):
     the others in the next collective and they all raise together."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, manifest.ManifestError) as e:
         failed.append(e)
 
 

@@ -82,6 +82,8 @@ def load_4bit_model(path: str, ds_config: Optional[dict], compute_dtype: torch.d
             model = load()
     if early:
         staggered.partition_from_rank0(model, ds_config, settings.model_dtype)
+    if getattr(model, "config", None) is not None:  # the built-in model loads from a temporary copy: keep its name
+        model.config.name_or_path = path  # (what checkpoints record as their base)
     logger.info("Loaded %s in 4-bit NF4%s: %d linear layers quantized, compute %s, storage %s%s",
                 path, " (double quantization)" if double_quant else "",
                 sum(isinstance(m, _linear4bit()) for m in model.modules()), dtype_name(settings.compute_dtype),

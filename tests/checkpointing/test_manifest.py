@@ -173,6 +173,20 @@ def test_a_manifest_from_shares_equals_one_process_reading_everything(tmp_path):
         write_manifest(folder, "ckpt", 10, entries=mf.checksum_entries(folder, (0, 3)))
 
 
+def test_shares_split_the_listing_they_are_given(tmp_path):
+    """Every process splits the publisher's listing (a lagging listing elsewhere cannot leave a file to nobody); a
+    listed file this process cannot see fails loudly instead of being skipped."""
+    folder = str(tmp_path / "ckpt")
+    make_checkpoint(folder)
+    listing = mf.file_sizes(folder)
+    assert sorted(listing) == sorted(FILES)
+    owner = next(i for i in range(2) if OURS in mf.share(listing, (i, 2)))
+    os.remove(os.path.join(folder, OURS))
+    assert OURS not in mf.checksum_entries(folder, (1 - owner, 2), listing)  # the other share never reads it
+    with pytest.raises(OSError):
+        mf.checksum_entries(folder, (owner, 2), listing)
+
+
 def test_only_limits_which_files_are_hashed(tmp_path):
     folder = str(tmp_path / "ckpt")
     make_checkpoint(folder)
