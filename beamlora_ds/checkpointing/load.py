@@ -45,8 +45,7 @@ def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[s
         coordination.all_ranks_or_raise(os.path.isfile(state_path), f"{state_path} is missing on some process: the "
                                         f"checkpoint {tag!r} was not written by beamlora_ds.save_checkpoint.")
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        _check_fits(state["beamlora"], beam, tag)
-        _check_base(engine, folder, tag)
+        _check_fits(state["beamlora"], beam, engine, folder, tag)
         with adapter_only_loads(engine):
             path, client_state = engine.load_checkpoint(load_dir, tag=tag)
         saved, rng = state["beamlora"], state["rng"]
@@ -84,24 +83,17 @@ def allow_adapter_only_state(model, incompatible_keys) -> None:
         incompatible_keys.missing_keys.clear()
 
 
-def _check_base(engine, folder: str, tag: str) -> None:
-    """Refuse, on every process and before DeepSpeed reads anything, a checkpoint trained on another base than this
-    run loaded (its manifest records the base's fingerprint: base_identity.py). After _check_fits: another
-    tensor-parallel layout is refused there, with its own message."""
-    current = base_identity(engine.module)  # on every process: a gather under ZeRO-3
-    try:
-        saved = ((manifest.read_manifest(folder) or {}).get("extra") or {}).get("base")
-    except manifest.ManifestError:
-        saved = None  # _choose_tag verified the manifest; unreadable now means it changed under us: DeepSpeed says
-    problem = None if saved and saved.get("included") else identity_problem(saved, current, tag)
-    coordination.all_ranks_or_raise(problem is None, problem or "", ValueError)
-
-
-def _check_fits(saved: dict, beam: BeamController, tag: str) -> None:
+def _check_fits(saved: dict, beam: BeamController, engine, folder: str, tag: str) -> None:
     """Refuse, before DeepSpeed reads anything and on every process, a state this controller cannot continue
-    (another state version, other modules, another tensor-parallel split, other BeamLoRA settings)."""
+    (another state version, other modules, another tensor-parallel split, other BeamLoRA settings), then a
+    checkpoint trained on another base than this run loaded (the manifest records its fingerprint:
+    base_identity.py; a checkpoint that holds its base loads that one)."""
     problem = beam.resume_problem(saved)  # the same on every process of one run
     coordination.all_ranks_or_raise(problem is None, f"Checkpoint {tag!r}: {problem}", ValueError)
+    current = base_identity(engine.module)  # on every process: a gather under ZeRO-3
+    base = _recorded(folder).get("base")
+    problem = None if base and base.get("included") else identity_problem(base, current, tag)
+    coordination.all_ranks_or_raise(problem is None, problem or "", ValueError)
 
 
 def _load_on_new_world_size(engine, beam, load_dir: str, tag: str, saved_world: int, node_local: bool) -> tuple:
@@ -125,8 +117,7 @@ def _load_on_new_world_size(engine, beam, load_dir: str, tag: str, saved_world: 
     if problem:
         raise CheckpointDamagedError(f"Cannot read the BeamLoRA state of checkpoint {tag!r}: {problem}")
     saved = states[0]["beamlora"]
-    _check_fits(saved, beam, tag)
-    _check_base(engine, os.path.join(load_dir, tag), tag)
+    _check_fits(saved, beam, engine, os.path.join(load_dir, tag), tag)
     if stage == 0:  # ZeRO-0 keeps whole tensors and one optimizer state: DeepSpeed loads it on any world size
         with adapter_only_loads(engine):
             path, client_state = engine.load_checkpoint(load_dir, tag=tag)
@@ -143,11 +134,20 @@ def _load_on_new_world_size(engine, beam, load_dir: str, tag: str, saved_world: 
     return path, client_state, saved, states[rank]["rng"] if rank < saved_world else None
 
 
+def _recorded(folder: str) -> dict:
+    """What the checkpoint's manifest records beside its files (world size, ZeRO stage, base); {} when it says
+    nothing or cannot be read (_choose_tag has verified it; unreadable now, it changed under us)."""
+    try:
+        return dict((manifest.read_manifest(folder) or {}).get("extra") or {})
+    except (manifest.ManifestError, TypeError, ValueError):
+        return {}
+
+
 def _saved_world_size(folder: str) -> int:
     """How many processes wrote the checkpoint, as its manifest records (0 when it does not say)."""
     try:
-        return int(((manifest.read_manifest(folder) or {}).get("extra") or {}).get("world_size") or 0)
-    except (manifest.ManifestError, TypeError, ValueError):
+        return int(_recorded(folder).get("world_size") or 0)
+    except (TypeError, ValueError):
         return 0
 
 

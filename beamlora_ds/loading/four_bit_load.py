@@ -78,7 +78,7 @@ def load_4bit_model(path: str, ds_config: Optional[dict], compute_dtype: torch.d
     if turns:
         model = staggered.load_in_turns(load, what=path, at_once=loaders_per_node() or 1)
     else:
-        with staggered.large_blocks_mapped() if _maps_large_blocks(in_turns) else contextlib.nullcontext():
+        with staggered.large_blocks_mapped() if _bounded_loading_asked(in_turns) else contextlib.nullcontext():
             model = load()
     if early:
         staggered.partition_from_rank0(model, ds_config, settings.model_dtype)
@@ -94,9 +94,7 @@ def load_4bit_model(path: str, ds_config: Optional[dict], compute_dtype: torch.d
 def loads_in_turns(settings: FourBitSettings, in_turns: Optional[bool] = None) -> bool:
     """Whether `load_4bit_model` bounds loading (docs/qlora.md, "Loading at scale"): under ZeRO-3 with more than
     one process, unless `in_turns=False` or $BEAMLORA_DS_4BIT_LOAD=together (the unbounded way, for comparison)."""
-    if in_turns is None:
-        in_turns = loaders_per_node() is not None
-    return bool(in_turns) and settings.zero_stage == 3 and coordination.is_distributed()
+    return _bounded_loading_asked(in_turns) and settings.zero_stage == 3 and coordination.is_distributed()
 
 
 def loaders_per_node() -> Optional[int]:
@@ -115,11 +113,12 @@ def loaders_per_node() -> Optional[int]:
                             "or \"together\" (every process at once).")
 
 
-def _maps_large_blocks(in_turns: Optional[bool]) -> bool:
-    """A load that is not in turns (one process, or no ZeRO-3) maps large blocks too (staggered.large_blocks_mapped:
-    one process's peak about the 4-bit model, instead of 1.1-3.1 times it by chance), unless the old way is asked
-    for (in_turns=False, $BEAMLORA_DS_4BIT_LOAD=together)."""
-    return in_turns if in_turns is not None else loaders_per_node() is not None
+def _bounded_loading_asked(in_turns: Optional[bool]) -> bool:
+    """Whether bounded loading is asked for: `in_turns` when given, else $BEAMLORA_DS_4BIT_LOAD is not "together".
+    It loads in turns under ZeRO-3 with several processes (loads_in_turns); a load alone (one process, or no ZeRO-3)
+    maps large blocks as a turn does (staggered.large_blocks_mapped: one process's peak about the 4-bit model,
+    instead of 1.1-3.1 times it by chance)."""
+    return bool(in_turns) if in_turns is not None else loaders_per_node() is not None
 
 
 def _partitioned_from_rank0(ds_config: Optional[dict]) -> bool:
