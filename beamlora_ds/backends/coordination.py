@@ -5,8 +5,8 @@ Writers (save_adapter, save_checkpoint, the Trainer callback) let one process wr
 refusal or an error on one process must then reach all of them: a process that raises alone leaves the others
 waiting in the next collective until the job's timeout. The helpers here make every process raise together.
 
-They follow DeepSpeed's process group (`deepspeed.comm`); without DeepSpeed, or before it is initialised, there
-is one process and every helper is a no-op.
+They follow DeepSpeed's process group (`deepspeed.comm`) when DeepSpeed initialised one, else torch.distributed's
+default group (Megatron, plain DDP); with neither there is one process and every helper is a no-op.
 """
 from __future__ import annotations
 
@@ -16,12 +16,16 @@ import torch
 
 
 def _comm():
-    """deepspeed.comm when a multi-process group is up, else None."""
+    """deepspeed.comm when DeepSpeed set up the process group, else torch.distributed when it is initialised (a
+    Megatron or plain torch job), else None."""
     try:
-        import deepspeed.comm as dist
+        import deepspeed.comm as ds_dist
     except ImportError:
-        return None
-    return dist if dist.is_initialized() else None
+        ds_dist = None
+    if ds_dist is not None and ds_dist.is_initialized():
+        return ds_dist
+    dist = torch.distributed
+    return dist if dist.is_available() and dist.is_initialized() else None
 
 
 def rank() -> int:
@@ -56,9 +60,14 @@ def barrier() -> None:
 
 
 def _flag(ok: bool) -> torch.Tensor:
-    from deepspeed.accelerator import get_accelerator
+    dist = _comm()
+    if dist is torch.distributed:  # NCCL reduces GPU tensors only
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    else:
+        from deepspeed.accelerator import get_accelerator
 
-    return torch.tensor([1 if ok else 0], dtype=torch.int32, device=get_accelerator().current_device_name())
+        device = get_accelerator().current_device_name()
+    return torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
 
 
 def rank0_verdict(ok: bool) -> bool:

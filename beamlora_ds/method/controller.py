@@ -105,8 +105,8 @@ class BeamController:
             decayed = self._decayed_scores(self._access)
             if decayed:
                 _log(self._access, logging.WARNING, "BeamLoRA: the optimizer applies weight decay to %d lora_score "
-                     "parameters (e.g. %s); the paper never decays the score. Build it from "
-                     "beamlora_ds.optimizer_param_groups(model, weight_decay).", len(decayed), decayed[0])
+                     "parameters (e.g. %s); the paper never decays the score. %s", len(decayed), decayed[0],
+                     self._access.no_score_decay_fix)
         return self._access
 
     def decayed_scores(self, optimizer_or_engine) -> List[str]:

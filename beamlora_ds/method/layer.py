@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -104,9 +105,11 @@ class BeamLoRALinear(nn.Module):
     _score_index = None
     tensor_parallel = None  # the split once split_for_tensor_parallel() split this layer
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, tau: float = 0.05):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, tau: float = 0.05,
+                 features: Optional[Tuple[int, int]] = None):
         super().__init__()
-        in_features, out_features = base_features(base_layer)
+        # `features`: the unsplit (in, out) of a base that names them otherwise (a backend's parallel layer)
+        in_features, out_features = features if features is not None else base_features(base_layer)
         if r > min(in_features, out_features):
             raise ValueError(f"r={r} exceeds min(in_features={in_features}, out_features={out_features}) of this "
                              "layer: a rank above that adds parameters but no capacity. Lower r.")
@@ -175,6 +178,10 @@ class BeamLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        return result + self.adapter_output(x).to(result.dtype)
+
+    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
+        """(alpha / r) B (w * (A x)): what the adapter adds to the base's output, in the adapter's dtype."""
         h = F.linear(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A)
         split = self.tensor_parallel
         if split is not None and split.kind == ROW:  # each process multiplied its slice of x: sum the parts
@@ -182,8 +189,7 @@ class BeamLoRALinear(nn.Module):
         h = h * self.rank_weights().to(h.dtype)
         if split is not None and split.kind == COLUMN:  # each process's B slice sees h: their gradients add up
             h = split.copy_to_group(h)
-        delta = F.linear(h, self.lora_B) * self.scaling
-        return result + delta.to(result.dtype)
+        return F.linear(h, self.lora_B) * self.scaling
 
     @property
     def local_in_features(self) -> int:

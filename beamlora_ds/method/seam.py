@@ -36,6 +36,8 @@ class PlatformAccess:
 
     modules: List[BeamLoRALinear]
     all_reduce_bytes: int = 0  # bytes this process has all-reduced so far (0 where there is no communication)
+    # how to build this platform's optimizer without weight decay on the scores (the warning's fix)
+    no_score_decay_fix: str = "Build it from beamlora_ds.optimizer_param_groups(model, weight_decay)."
 
     def rank_stats(self, with_norms: bool) -> RankStats:
         """Score logits (and, if asked, per-rank sums of squares) of every module, identical on every process."""

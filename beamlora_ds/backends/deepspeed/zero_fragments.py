@@ -8,31 +8,11 @@ local shard (stage 3 `ds_tensor`). Reads and writes take whole rank slots as run
 """
 from __future__ import annotations
 
-from typing import List, Optional
-
 import torch
 
-from ..flat_runs import Run, local_parts, scatter_local
+from ..flat_runs import local_parts, scatter_local
+from ..fragment_access import Fragment
 from .internals import stage12_mapping, zero3_partition_rank
-
-
-class Fragment:
-    """This process's slice [start, start + numel) of one parameter's flat fp32 master and moments."""
-
-    start: int
-    numel: int
-
-    def read(self, key: Optional[str] = None) -> torch.Tensor:
-        """The fragment's fp32 values (the master for key None, else that optimizer moment), a host copy."""
-        raise NotImplementedError
-
-    def write(self, runs: List[Run], values: torch.Tensor, key: Optional[str] = None) -> None:
-        """The fragment's part of `runs` from `values` (the runs' value layout) into the master or a moment."""
-        raise NotImplementedError
-
-    def write_working_copy(self, runs: List[Run], values: torch.Tensor) -> None:
-        """The same positions in the working copy the forward reads (bf16 or fp32)."""
-        raise NotImplementedError
 
 
 class Stage12Fragment(Fragment):
