@@ -8,11 +8,15 @@ from .adapt import apply
 from .backends.deepspeed.autotp import prepare_tensor_parallel
 from .backends.deepspeed.supported_setups import UnsupportedSetupError
 from .backends.deepspeed.zero_params import persistence_threshold_for
+from .backends.megatron.hf_llama import gpt_from_hf as megatron_gpt_from_hf
+from .backends.megatron.optimizer_setup import megatron_optimizer_overrides
 from .checkpointing.layout import CheckpointDamagedError, CheckpointWriteError
 from .checkpointing.load import load_checkpoint
+from .checkpointing.megatron import load_megatron_checkpoint, save_megatron_checkpoint
 from .checkpointing.save import save_checkpoint
 from .export.from_checkpoint import export_checkpoint
 from .export.live import save_adapter
+from .export.megatron import save_megatron_adapter
 from .export.merge import merge_adapter, save_merged
 from .loading.four_bit_load import load_4bit_model, prepare_4bit_model
 from .loading.four_bit_request import QuantizationError, check_4bit_request
@@ -32,8 +36,8 @@ __all__ = ["BeamController", "BeamLoRAConfig", "BeamLoRALinear", "BeamLoRATraine
            "CheckpointDamagedError", "CheckpointWriteError", "ConfigError", "QuantizationError",
            "RECOMMENDED_TARGETS", "UnsupportedSetupError", "apply", "attach", "check_4bit_request", "check_targets",
            "current_records", "export_checkpoint", "find_beamlora_modules", "is_wrappable", "load_4bit_model",
-           "load_checkpoint", "log_reset", "merge_adapter", "optimizer_param_groups", "persistence_threshold_for",
-           "prepare_4bit_model", "prepare_tensor_parallel", "save_adapter", "save_checkpoint", "save_merged"]
+           "load_checkpoint", "load_megatron_checkpoint", "log_reset", "megatron_gpt_from_hf", "megatron_optimizer_overrides", "merge_adapter", "optimizer_param_groups", "persistence_threshold_for",
+           "prepare_4bit_model", "prepare_tensor_parallel", "save_adapter", "save_checkpoint", "save_megatron_adapter", "save_megatron_checkpoint", "save_merged"]
 
 
 def __getattr__(name):

@@ -17,7 +17,8 @@ from .method.inject import wrap_targets
 from .backends import BACKENDS
 from .backends.torch_access import optimizers_holding
 from .backends.deepspeed.internals import taken_by_zero_optimizer
-from .backends.wrappers import is_deepspeed_engine
+from .backends.megatron.layers import is_megatron_model, wrap_megatron_targets
+from .backends.wrappers import is_deepspeed_engine, is_megatron_wrapper
 
 ORDER = ("The order is: model -> beamlora_ds.apply(model, config) -> optimizer from "
          "beamlora_ds.optimizer_param_groups(model) -> deepspeed.initialize (or the Trainer).")
@@ -28,11 +29,13 @@ def apply(model: nn.Module, config: BeamLoRAConfig) -> BeamController:
 
     Only `lora_A`, `lora_B` and the scores stay trainable; the scores of all wrapped layers live in one
     (modules x r) table, `model.beamlora_scores.lora_score` (docs/fused_score_design.md). Fails before changing
-    anything when nothing matches, a match is not a linear layer, or r does not fit a layer.
+    anything when nothing matches, a match is not a linear layer, or r does not fit a layer. On a megatron-core
+    model the targets are its parallel linear layers (docs/megatron.md).
     """
     config.validate()
     check_model_before_apply(model)
-    return BeamController(wrap_targets(model, config), config, BACKENDS)
+    wrap = wrap_megatron_targets if is_megatron_model(model) else wrap_targets
+    return BeamController(wrap(model, config), config, BACKENDS)
 
 
 def check_model_before_apply(model: nn.Module) -> None:
@@ -40,6 +43,9 @@ def check_model_before_apply(model: nn.Module) -> None:
     if is_deepspeed_engine(model):
         raise TypeError("apply() got a DeepSpeed engine. Call apply() on the model before deepspeed.initialize, "
                         "then build the optimizer and the engine. " + ORDER)
+    if is_megatron_wrapper(model):
+        raise TypeError(f"apply() got Megatron's {type(model).__name__}. Call apply() on the GPT model before wrapping "
+                        "it in DistributedDataParallel (or Float16Module) and before get_megatron_optimizer.")
     if any(taken_by_zero_optimizer(p) for p in model.parameters()):
         raise RuntimeError("apply() was called after deepspeed.initialize: the engine already partitioned this "
                            "model's parameters and would never train the adapter (DeepSpeed fails later with an "

@@ -34,6 +34,7 @@ METHOD_FORBIDDEN = ("torch.distributed", "deepspeed", "transformers", "bitsandby
 # Third-party private names (and patched methods) live in one named place each (docs/platform.md lists them).
 INTERNALS = {
     "beamlora_ds/backends/deepspeed/internals.py": "DeepSpeed",
+    "beamlora_ds/backends/megatron/internals.py": "megatron-core",
     "beamlora_ds/loading/cpu_repacking.py": "bitsandbytes",
     "beamlora_ds/integrations/hf_trainer.py": "transformers.Trainer",
 }

@@ -1,7 +1,7 @@
 """Recognising what training platforms wrap a model or an optimizer in, without importing them.
 
-A DeepSpeed engine is recognised by its class name, a DeepSpeed optimizer by its module, DDP and DataParallel by
-their class names; importing this module never imports DeepSpeed. Whether DeepSpeed took over a parameter is
+A DeepSpeed engine is recognised by its class name, a DeepSpeed optimizer by its module, DDP, DataParallel and
+Megatron's wrappers by their class names; importing this module never imports DeepSpeed. Whether DeepSpeed took over a parameter is
 read from its private attributes, by deepspeed/internals.py (taken_by_zero_optimizer).
 """
 from __future__ import annotations
@@ -17,7 +17,14 @@ def is_deepspeed_engine(obj) -> bool:
 def is_model_wrapper(obj) -> bool:
     """True for a DeepSpeed engine, DDP or DataParallel around a model (`.module`)."""
     names = {cls.__name__ for cls in type(obj).__mro__}
-    return bool(names & {"DeepSpeedEngine", "DistributedDataParallel", "DataParallel"}) and hasattr(obj, "module")
+    wrappers = {"DeepSpeedEngine", "DistributedDataParallel", "DataParallel", "Float16Module"}  # the last: Megatron's
+    return bool(names & wrappers) and hasattr(obj, "module")
+
+
+def is_megatron_wrapper(obj) -> bool:
+    """True for megatron-core's DistributedDataParallel or Float16Module around a model."""
+    return any(cls.__module__.startswith(("megatron.core.distributed", "megatron.core.transformer.module"))
+               for cls in type(obj).__mro__) and hasattr(obj, "module")
 
 
 def unwrap_model(model_or_engine) -> torch.nn.Module:

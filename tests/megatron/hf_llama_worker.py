@@ -112,26 +112,33 @@ def refusals(hf_model, tp):
     return said
 
 
-def main():
-    args = parse()
-    dist.init_process_group("gloo")
+def check(tp, sp_settings):
+    """Every architecture compared under each sequence-parallel setting ("off,on"), and the refusals: what
+    main() writes, callable from another worker in processes already in a group."""
     from megatron.core import parallel_state
 
     models = architectures()
     results, refused = [], None
-    for sp in [s == "on" for s in args.sp.split(",")]:
+    for sp in [s == "on" for s in sp_settings.split(",")]:
         start = time.time()
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
         cpu_shims.init_rng()
         if refused is None:
-            refused = refusals(models["tiny_llama"], args.tp)
+            refused = refusals(models["tiny_llama"], tp)
         for name, model in models.items():
-            results.append(compare(name, model, args.tp, sp))
+            results.append(compare(name, model, tp, sp))
         parallel_state.destroy_model_parallel()
         results[-1]["seconds_for_this_sp_setting"] = round(time.time() - start, 2)
+    return {"world": dist.get_world_size(), "results": results, "refusals": refused}
+
+
+def main():
+    args = parse()
+    dist.init_process_group("gloo")
+    result = check(args.tp, args.sp)
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
-            json.dump({"world": dist.get_world_size(), "results": results, "refusals": refused}, f, indent=1)
+            json.dump(result, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
 

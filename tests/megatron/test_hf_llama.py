@@ -132,12 +132,6 @@ def test_the_converter_imports_megatron_inside_functions_only():
 
 
 # ---------------------------------------------------------------------------------------------- Megatron vs HF
-def launch(nproc, sp):
-    from beamlora_ds.testing.launcher import launch_for_json
-
-    return launch_for_json(WORKER, ["--tp", str(nproc), "--sp", sp], "--out", nproc=nproc, timeout=300)
-
-
 def check_logits(result, nproc, sps):
     rows = result["results"]
     assert result["world"] == nproc and {(r["model"], r["sp"]) for r in rows} == {(m, s) for m in MODELS for s in sps}
@@ -152,12 +146,10 @@ def check_logits(result, nproc, sps):
 
 
 @pytest.mark.slow
-@needs_megatron
-def test_megatron_gives_the_hf_logits_in_one_process():
-    check_logits(launch(1, "off"), 1, {False})
+def test_megatron_gives_the_hf_logits_in_one_process(launched):
+    check_logits(launched(1)["hf"], 1, {False})  # the shared launches of conftest.py
 
 
 @pytest.mark.slow
-@needs_megatron
-def test_megatron_gives_the_hf_logits_under_tensor_and_sequence_parallelism():
-    check_logits(launch(2, "off,on"), 2, {False, True})
+def test_megatron_gives_the_hf_logits_under_tensor_and_sequence_parallelism(launched):
+    check_logits(launched(2)["hf"], 2, {False, True})

@@ -298,3 +298,14 @@ def load_hf_into_gpt(gpt_model, hf_model_or_state, hf_config, tp_size: int = 1, 
                                  "model built with that tensor-parallel size?")
             target.copy_(source)
     return sorted(targets)
+
+
+def gpt_from_hf(hf_model, sequence_parallel: bool = False, **overrides):
+    """The Megatron GPT of this tensor-parallel rank holding `hf_model`'s weights: `build_gpt` + `load_hf_into_gpt`
+    in the layout `initialize_model_parallel` set up (overrides: TransformerConfig fields, e.g. params_dtype)."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    gpt = build_gpt(hf_model.config, tensor_parallel=tp, sequence_parallel=sequence_parallel, **overrides)
+    load_hf_into_gpt(gpt, hf_model, hf_model.config, tp, parallel_state.get_tensor_model_parallel_rank())
+    return gpt

@@ -1,0 +1,185 @@
+"""BeamLoRA on megatron-core's parallel linear layers: which layers, how the adapter is split, and its collectives.
+
+Megatron's `ColumnParallelLinear` / `RowParallelLinear` (and Transformer Engine's `TEColumnParallelLinear` /
+`TERowParallelLinear`, which share their attributes and their `(output, bias)` return) are adapted in the layout
+used under DeepSpeed AutoTP: the rank dimension is never split (docs/tensor_parallel.md). A column base keeps A and
+the score replicated and splits B on the output; a row base splits A on the input and keeps B replicated.
+
+Under sequence parallelism a replicated factor sees only this process's part of the sequence:
+    column base: h_k = w * (A x_k) on the local tokens, all-gathered along the sequence before B_k (backward:
+        reduce-scatter, which sums dL/dh over the group); A's and the score's gradients are partial sums;
+    row base: the partial products A_k x_k are reduce-scattered along the sequence (the base's output is too), so
+        B and the score see local tokens only and their gradients are partial sums.
+The partial gradients are summed over the tensor-parallel group by Megatron's own `finalize_model_grads`, which
+sums every parameter marked `sequence_parallel` (as it does for layer norms): the factor and the score table are
+marked. A fused `linear_qkv` or `linear_fc1` is one adapter (one A, one B over the fused output).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from ...method.config import BeamLoRAConfig
+from ...method.inject import matches_target
+from ...method.layer import COLUMN, ROW, BeamLoRALinear
+from ...method.score_table import attach_score_table
+from ..tensor_parallel import TensorParallelSplit
+
+PARALLEL_LINEARS = "megatron-core's ColumnParallelLinear / RowParallelLinear (or Transformer Engine's TE versions)"
+
+
+def parallel_kind(module: nn.Module):
+    """COLUMN or ROW for a Megatron parallel linear layer (by its attributes: megatron and TE alike), else None."""
+    if not all(hasattr(module, name) for name in ("input_size", "output_size", "tp_group")):
+        return None
+    if hasattr(module, "output_size_per_partition"):
+        return COLUMN
+    if hasattr(module, "input_size_per_partition"):
+        return ROW
+    return None
+
+
+def is_megatron_model(model: nn.Module) -> bool:
+    """True when `model` holds Megatron parallel linear layers (apply() then wraps them with this backend)."""
+    return any(parallel_kind(m) is not None for m in model.modules())
+
+
+@dataclass(frozen=True)
+class MegatronSplit(TensorParallelSplit):
+    """The split of a Megatron parallel layer, with Megatron's own collectives; under sequence parallelism the
+    replicated side of the adapter works on the local part of the sequence (module docstring)."""
+
+    sequence_parallel: bool = False
+
+    def copy_to_group(self, h: torch.Tensor) -> torch.Tensor:
+        from megatron.core import tensor_parallel as mtp
+
+        if self.sequence_parallel:
+            return mtp.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=self.group)
+        return mtp.copy_to_tensor_model_parallel_region(h, group=self.group)
+
+    def reduce_from_group(self, h: torch.Tensor) -> torch.Tensor:
+        from megatron.core import tensor_parallel as mtp
+
+        if self.sequence_parallel:
+            return mtp.reduce_scatter_to_sequence_parallel_region(h, group=self.group)
+        return mtp.reduce_from_tensor_model_parallel_region(h, group=self.group)
+
+
+class BeamLoRAParallelLinear(BeamLoRALinear):
+    """A BeamLoRALinear on a Megatron parallel base: the same adapter, Megatron's call convention (the base and this
+    layer return `(output, bias)`; the adapter adds to the output only)."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        output, bias = self.base_layer(x, *args, **kwargs)
+        return output + self.adapter_output(x).to(output.dtype), bias
+
+
+def split_of(module: nn.Module, kind: str) -> MegatronSplit:
+    """How `module` is split over its tensor-parallel group (Megatron splits evenly)."""
+    group = module.tp_group
+    world, index = group.size(), group.rank()
+    full = module.output_size if kind == COLUMN else module.input_size
+    if full % world:
+        raise ValueError(f"{full} features do not split evenly over {world} tensor-parallel processes.")
+    return MegatronSplit(kind=kind, group=group, sizes=(full // world,) * world, index=index,
+                         sequence_parallel=bool(getattr(module, "sequence_parallel", False)))
+
+
+def check_megatron_targets(model: nn.Module, config: BeamLoRAConfig) -> List[Tuple[str, nn.Module, str]]:
+    """(name, layer, kind) of every target; refuses names that match nothing, layers that are not Megatron
+    parallel linears, a fused layer-norm linear, and layouts the adapter cannot follow."""
+    matched = [(name, m) for name, m in model.named_modules() if name and matches_target(name, config.target_modules)]
+    if not matched:
+        names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if parallel_kind(m) is not None})
+        raise ValueError(f"target_modules={config.target_modules!r} matched no module. Megatron layers BeamLoRA can "
+                         f"wrap in this model are named: {names}.")
+    found = []
+    for name, module in matched:
+        kind = parallel_kind(module)
+        if kind is None:
+            raise TypeError(f"{name} ({type(module).__name__}) is not one of {PARALLEL_LINEARS}; narrow "
+                            "target_modules to the parallel linear layers.")
+        if "LayerNorm" in type(module).__name__:
+            raise TypeError(f"{name} is a {type(module).__name__}: its layer norm is fused into the linear layer, so "
+                            "the adapter cannot see the normalized input. Build the model with the local layer spec "
+                            "(get_gpt_layer_local_spec) or a TE spec with separate norms.")
+        if kind == COLUMN and getattr(module, "gather_output", False):
+            raise ValueError(f"{name} gathers its output (gather_output=True); BeamLoRA adapts column-parallel layers "
+                             "whose output stays split, as in Megatron's GPT.")
+        if kind == ROW and not getattr(module, "input_is_parallel", True):
+            raise ValueError(f"{name} scatters its own input (input_is_parallel=False); BeamLoRA adapts "
+                             "row-parallel layers fed a split input, as in Megatron's GPT.")
+        if config.r > min(module.input_size, module.output_size):
+            raise ValueError(f"r={config.r} is larger than the smaller dimension of {name} "
+                             f"({module.input_size}->{module.output_size}). Lower r.")
+        found.append((name, module, kind))
+    return found
+
+
+def wrap_megatron_targets(model: nn.Module, config: BeamLoRAConfig) -> Dict[str, BeamLoRAParallelLinear]:
+    """Replace every target Megatron parallel linear in `model` (in place) by a BeamLoRAParallelLinear, freeze the
+    rest, and put the scores in one table. A is initialised from a generator seeded by the config's seed and the
+    layer's name, so every tensor-parallel, data-parallel and pipeline layout starts from the same adapter."""
+    targets = check_megatron_targets(model, config)
+    if config.dropout and any(m.tp_group.size() > 1 for _, m, _ in targets):
+        raise ValueError("LoRA dropout under tensor parallelism is not supported (the processes of a group would "
+                         "draw different masks for the same input). Set dropout to 0.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped: Dict[str, BeamLoRAParallelLinear] = {}
+    for name, module, kind in targets:
+        layer = BeamLoRAParallelLinear(module, r=config.r, alpha=config.alpha, dropout=config.dropout, tau=config.tau,
+                                       features=(module.input_size, module.output_size))
+        generator = torch.Generator().manual_seed(layer_seed(config.seed, name))
+        with torch.no_grad():
+            a = torch.empty(layer.lora_A.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            layer.lora_A.copy_(a)
+        split = split_of(module, kind)
+        if split.world_size > 1:
+            layer.split_for_tensor_parallel(split, module)
+            mark_split_factor(getattr(layer, split.split_factor), split)
+            if split.sequence_parallel:  # the replicated factor's gradient is a partial sum (module docstring)
+                replicated = layer.lora_A if kind == COLUMN else layer.lora_B
+                replicated.sequence_parallel = True
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        wrapped[name] = layer
+    table = attach_score_table(model, wrapped)
+    if any(m.tensor_parallel is not None and m.tensor_parallel.sequence_parallel for m in wrapped.values()):
+        table.lora_score.sequence_parallel = True
+    return wrapped
+
+
+def mark_split_factor(param: nn.Parameter, split: MegatronSplit) -> None:
+    """Megatron's attributes of a tensor-parallel parameter (gradient norms count it once per group, checkpoints
+    know its partition)."""
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+    set_tensor_model_parallel_attributes(param, True, split.split_dim, 1)
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A seed for one layer's A from the run's seed and the layer's name without wrappers' `module.` prefixes (the
+    same layer gets the same A in every tensor- and data-parallel layout)."""
+    plain = re.sub(r"^(module\.)+", "", name)
+    return (int(seed) * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(plain))) % (2 ** 63)
+
+
+def parallel_layout() -> Dict[str, int]:
+    """This process's place in Megatron's process groups (what a checkpoint must be resumed in)."""
+    from megatron.core import parallel_state as ps
+
+    return {"world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+            "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+            "tensor_parallel_rank": ps.get_tensor_model_parallel_rank(),
+            "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
+            "pipeline_parallel_rank": ps.get_pipeline_model_parallel_rank(),
+            "data_parallel": ps.get_data_parallel_world_size(),
+            "data_parallel_rank": ps.get_data_parallel_rank()}

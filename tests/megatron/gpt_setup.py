@@ -1,0 +1,107 @@
+"""A tiny megatron-core GPT for the Megatron backend's test processes: the same weights in every tensor-parallel
+layout (each parameter seeded by its name, then cut to this process's slice), fixed data, one training step.
+
+Test processes only: import tests/megatron/cpu_shims.py before this module."""
+import zlib
+
+import torch
+
+import cpu_shims
+
+VOCAB, SEQ, HIDDEN, HEADS, GROUPS, FFN, LAYERS = 128, 16, 64, 4, 2, 128, 2
+# every projection of layer 0, only fc1 of layer 1: the adapters' sizes are uneven, so the DistributedOptimizer's
+# shard boundary cuts through a parameter (with every projection of both layers it falls between the layers)
+TARGETS = r"decoder\.layers\.0\..*linear_\w+|decoder\.layers\.1\.mlp\.linear_fc1"
+
+
+def initialize(tp: int, sequence_parallel: bool = False):
+    """Megatron's process groups for tensor parallelism `tp` (data parallelism: the rest of the world)."""
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
+    cpu_shims.init_rng()
+
+
+def build_gpt(tp: int, sequence_parallel: bool = False, dtype=torch.float32):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    import torch.nn.functional as F
+
+    config = TransformerConfig(
+        num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS,
+        ffn_hidden_size=FFN, gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel, pipeline_dtype=dtype,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16)
+    model = GPTModel(config=config, transformer_layer_spec=cpu_shims.local_spec_allowing_sequence_parallel(LAYERS), vocab_size=VOCAB,
+                     max_sequence_length=SEQ, share_embeddings_and_output_weights=False)
+    seed_weights(model, tp)
+    return model
+
+
+@torch.no_grad()
+def seed_weights(model, tp: int) -> None:
+    """The same full weights in every layout: each parameter drawn from a generator seeded by its name, then this
+    process's slice of a tensor-parallel one."""
+    from megatron.core import parallel_state
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    for name, p in model.named_parameters():
+        shape = list(p.shape)
+        split = getattr(p, "tensor_model_parallel", False)
+        if split:
+            shape[p.partition_dim] *= tp
+        full = torch.randn(shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))) * 0.05
+        if name.endswith("layernorm.weight"):
+            full += 1.0
+        if split:
+            full = tensor_parallel_slice(name, full, tp, rank, p.partition_dim)
+        p.copy_(full.to(p.dtype))
+
+
+def tensor_parallel_slice(name: str, full: torch.Tensor, tp: int, rank: int, dim: int) -> torch.Tensor:
+    """This process's slice of a whole tensor as Megatron lays it out: a gated fc1 is [gate | up] whole and
+    [gate_k | up_k] on process k; everything else is a plain chunk (qkv: whole query groups)."""
+    if "linear_fc1" in name:
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def whole_from_slices(name: str, slices, dim: int) -> torch.Tensor:
+    """The inverse of tensor_parallel_slice over every process's slice."""
+    if "linear_fc1" in name:
+        halves = [s.chunk(2, dim=dim) for s in slices]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(list(slices), dim=dim)
+
+
+def batches(steps: int, micro_batches: int, micro_batch_size: int, seed: int = 1234):
+    """Per step, `micro_batches` micro-batches of `micro_batch_size` sequences (the whole global batch)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        step = []
+        for _ in range(micro_batches):
+            tokens = torch.randint(0, VOCAB, (micro_batch_size, SEQ + 1), generator=generator)
+            step.append({"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()})
+        out.append(step)
+    return out
+
+
+def causal_mask():
+    """Megatron's convention, True = masked out (its default mask is built on "cuda")."""
+    return torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)[None, None]
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    positions = torch.arange(SEQ).unsqueeze(0).expand_as(batch["tokens"])
+    output = model(input_ids=batch["tokens"], position_ids=positions, attention_mask=causal_mask(),
+                   labels=batch["labels"])
+
+    def loss_func(per_token):
+        loss = per_token.float().mean()
+        return loss, {"loss": loss.detach().clone()}
+
+    return output, loss_func
