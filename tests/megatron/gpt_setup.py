@@ -33,8 +33,8 @@ def build_gpt(tp: int, sequence_parallel: bool = False, dtype=torch.float32):
         use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel, pipeline_dtype=dtype,
         params_dtype=dtype, bf16=dtype == torch.bfloat16)
-    model = GPTModel(config=config, transformer_layer_spec=cpu_shims.local_spec_allowing_sequence_parallel(LAYERS), vocab_size=VOCAB,
-                     max_sequence_length=SEQ, share_embeddings_and_output_weights=False)
+    model = GPTModel(config=config, transformer_layer_spec=cpu_shims.local_spec_allowing_sequence_parallel(LAYERS),
+                     vocab_size=VOCAB, max_sequence_length=SEQ, share_embeddings_and_output_weights=False)
     seed_weights(model, tp)
     return model
 

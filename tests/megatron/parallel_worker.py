@@ -115,7 +115,7 @@ def run(layout: str, importance: str, data, resume_at=None, folder=None):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", required=True, help="layout/importance, ... (one after another)")
-    parser.add_argument("--resume", default="", help="layouts whose score run is repeated, stopped at step 3 and resumed")
+    parser.add_argument("--resume", default="", help="layouts whose score run is repeated, stopped and resumed")
     parser.add_argument("--export", default=None, help="a layout to check the peft export in (export_check.py)")
     parser.add_argument("--hf_checks", default=None, help="off,on: Megatron vs HF logits (hf_llama_worker.py)")
     parser.add_argument("--out", required=True)

@@ -92,8 +92,10 @@ def split_of(module: nn.Module, kind: str) -> MegatronSplit:
 
 
 def check_megatron_targets(model: nn.Module, config: BeamLoRAConfig) -> List[Tuple[str, nn.Module, str]]:
-    """(name, layer, kind) of every target; refuses names that match nothing, layers that are not Megatron
-    parallel linears, a fused layer-norm linear, and layouts the adapter cannot follow."""
+    """(name, layer, kind) of every target; refuses pipeline and context parallelism, names that match nothing,
+    layers that are not Megatron parallel linears, a fused layer-norm linear, and layouts the adapter cannot
+    follow."""
+    check_parallelism(getattr(model, "config", None))
     matched = [(name, m) for name, m in model.named_modules() if name and matches_target(name, config.target_modules)]
     if not matched:
         names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if parallel_kind(m) is not None})
@@ -120,6 +122,17 @@ def check_megatron_targets(model: nn.Module, config: BeamLoRAConfig) -> List[Tup
                              f"({module.input_size}->{module.output_size}). Lower r.")
         found.append((name, module, kind))
     return found
+
+
+def check_parallelism(config) -> None:
+    """Refuse what the Megatron backend does not support yet, before anything changes."""
+    if getattr(config, "pipeline_model_parallel_size", 1) > 1:
+        raise ValueError("Pipeline parallelism is not supported yet by BeamLoRA on Megatron: each stage would select "
+                         "the ranks to prune among its own layers only, not over the whole model. Use tensor, "
+                         "sequence and data parallelism (pipeline_model_parallel_size=1).")
+    if getattr(config, "context_parallel_size", 1) > 1:
+        raise ValueError("Context parallelism is not supported by BeamLoRA on Megatron (untested: the adapter's "
+                         "gradients over the context-parallel group). Use context_parallel_size=1.")
 
 
 def wrap_megatron_targets(model: nn.Module, config: BeamLoRAConfig) -> Dict[str, BeamLoRAParallelLinear]:
