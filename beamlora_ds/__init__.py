@@ -36,8 +36,10 @@ __all__ = ["BeamController", "BeamLoRAConfig", "BeamLoRALinear", "BeamLoRATraine
            "CheckpointDamagedError", "CheckpointWriteError", "ConfigError", "QuantizationError",
            "RECOMMENDED_TARGETS", "UnsupportedSetupError", "apply", "attach", "check_4bit_request", "check_targets",
            "current_records", "export_checkpoint", "find_beamlora_modules", "is_wrappable", "load_4bit_model",
-           "load_checkpoint", "load_megatron_checkpoint", "log_reset", "megatron_gpt_from_hf", "megatron_optimizer_overrides", "merge_adapter", "optimizer_param_groups", "persistence_threshold_for",
-           "prepare_4bit_model", "prepare_tensor_parallel", "save_adapter", "save_checkpoint", "save_megatron_adapter", "save_megatron_checkpoint", "save_merged"]
+           "load_checkpoint", "load_megatron_checkpoint", "log_reset", "megatron_gpt_from_hf",
+           "megatron_optimizer_overrides", "merge_adapter", "optimizer_param_groups", "persistence_threshold_for",
+           "prepare_4bit_model", "prepare_tensor_parallel", "save_adapter", "save_checkpoint",
+           "save_megatron_adapter", "save_megatron_checkpoint", "save_merged"]
 
 
 def __getattr__(name):

@@ -111,6 +111,7 @@ def main():
     # BeamLoRA: a stock peft adapter for the HF model (every process calls it; process 0 writes)
     beamlora_ds.save_megatron_adapter(model, os.path.join(args.output_dir, "adapter"), hf_model.config,
                                       optimizer=optimizer, overwrite=True)
+    parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
 
 

@@ -3,8 +3,9 @@ Megatron's DistributedOptimizer (or its plain one), data parallelism over the re
 
     torchrun --nproc_per_node 2 launch/train_megatron.py --tensor_parallel 2 --sequence_parallel \\
         --output_dir out/megatron                                  # the built-in default: builtin-tiny, arithmetic
-    torchrun --nnodes 8 --nproc_per_node 8 ... launch/train_megatron.py --model_name_or_path meta-llama/Llama-2-70b-hf \\
-        --tensor_parallel 8 --sequence_parallel --bf16 --dataset my.jsonl --steps 2000 --interval 200 --output_dir out/70b
+    torchrun --nnodes 8 --nproc_per_node 8 ... launch/train_megatron.py \\
+        --model_name_or_path meta-llama/Llama-2-70b-hf --tensor_parallel 8 --sequence_parallel --bf16 \\
+        --dataset my.jsonl --steps 2000 --interval 200 --output_dir out/70b
 
 The model is converted to a Megatron GPT on every process (backends/megatron/hf_llama.py); every projection gets
 a BeamLoRA adapter (fused qkv and gate/up: one each); resets run on schedule; checkpoints every --save_every steps
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--interval", type=int, default=20, help="steps between resets")
     p.add_argument("--p0", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
+    p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir")
     p.add_argument("--log_every", type=int, default=10, help="a loss line every N steps")
     p.add_argument("--timeout_s", type=float, default=600)
@@ -76,6 +77,9 @@ def check(args):
     checkpoints = run.output_paths(args.output_dir)["checkpoints"]
     if args.resume and not os.path.isdir(checkpoints):
         raise UsageError(f"--resume: {checkpoints} does not exist; start without --resume.")
+    if args.resume and os.path.exists(run.output_paths(args.output_dir)["adapter"]):
+        raise UsageError(f"--resume: {args.output_dir} holds a finished run (its adapter is written); choose another "
+                         "--output_dir.")
     if not args.resume and os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
         raise UsageError(f"--output_dir {args.output_dir} is not empty; pass --resume to continue it, or choose "
                          "another folder.")
@@ -150,6 +154,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     train(args, examples)
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
     return 0
 

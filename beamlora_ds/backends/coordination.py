@@ -59,15 +59,35 @@ def barrier() -> None:
         _comm().barrier()
 
 
-def _flag(ok: bool) -> torch.Tensor:
-    dist = _comm()
-    if dist is torch.distributed:  # NCCL reduces GPU tensors only
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    else:
-        from deepspeed.accelerator import get_accelerator
+def _device(dist) -> str:
+    """Where a tensor must be for a collective of `dist` (NCCL reduces GPU tensors only)."""
+    if dist is torch.distributed:
+        return "cuda" if dist.get_backend() == "nccl" else "cpu"
+    from deepspeed.accelerator import get_accelerator
 
-        device = get_accelerator().current_device_name()
-    return torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+    return get_accelerator().current_device_name()
+
+
+def _flag(ok: bool) -> torch.Tensor:
+    return torch.tensor([1 if ok else 0], dtype=torch.int32, device=_device(_comm()))
+
+
+def all_reduce_ints(values, op: str = "SUM") -> list:
+    """Integers summed ("SUM") or maximised ("MAX") over every process (unchanged with one process)."""
+    if not is_distributed():
+        return list(values)
+    dist = _comm()
+    tensor = torch.tensor(list(values), dtype=torch.int64, device=_device(dist))
+    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+    return tensor.cpu().tolist()
+
+
+def all_agree(value: float) -> bool:
+    """Whether every process has the same `value` (the debug consistency check)."""
+    if not is_distributed():
+        return True
+    values = all_values(float(value))
+    return all(v == values[0] for v in values)
 
 
 def rank0_verdict(ok: bool) -> bool:

@@ -32,9 +32,10 @@ def save_adapter(model_or_engine, out_dir: str, base_model_name_or_path: Optiona
                  overwrite: bool = False) -> str:
     """Write a stock peft LoRA adapter (score folded into A) plus our unfolded state into `out_dir`.
 
-    Works on a plain model and on a DeepSpeed engine under any ZeRO stage. Under DeepSpeed call it on EVERY
-    process (the gathers are collective); rank 0 alone writes, and every process returns only after the files
-    are in place or raises when rank 0 could not write them. Returns `out_dir`.
+    Works on a plain model and on a DeepSpeed engine under any ZeRO stage. In a multi-process job (DeepSpeed, or
+    torch.distributed alone) call it on EVERY process (the gathers are collective); rank 0 alone writes, and every
+    process returns only after the files are in place or raises when rank 0 could not write them. Returns
+    `out_dir`.
     """
     model = unwrap_model(model_or_engine)
     modules = find_beamlora_modules(model)

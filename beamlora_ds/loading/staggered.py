@@ -128,13 +128,8 @@ def _failed_ranks(failed_here: bool) -> List[int]:
 
 
 def _all_reduce(values: List[int], op: str) -> List[int]:
-    """All-reduce integers over DeepSpeed's process group (the group coordination.py follows), on the accelerator."""
-    import deepspeed.comm as dist
-    from deepspeed.accelerator import get_accelerator
-
-    tensor = torch.tensor(values, dtype=torch.int64, device=get_accelerator().current_device_name())
-    dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
-    return tensor.cpu().tolist()
+    """All-reduce integers over the process group coordination.py follows (DeepSpeed's, else torch's)."""
+    return coordination.all_reduce_ints(values, op)
 
 
 def drop_weights_rank0_will_send(model: torch.nn.Module) -> int:

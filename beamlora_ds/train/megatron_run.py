@@ -149,7 +149,9 @@ def forward_step(data_iterator, model):
 
 
 def train_step(model, optimizer, scheduler, beam, micro_batches, seq_length: int):
-    """One optimizer step over the micro-batches, then BeamLoRA's step; (mean loss on this rank, reset record)."""
+    """One optimizer step over the micro-batches, then BeamLoRA's step; (mean loss over the data-parallel
+    processes, reset record)."""
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     model.zero_grad_buffer()
@@ -161,7 +163,9 @@ def train_step(model, optimizer, scheduler, beam, micro_batches, seq_length: int
     optimizer.step()
     scheduler.step(increment=1)
     record = beam.step(optimizer)
-    return torch.stack([d["loss"].float().cpu() for d in losses]).mean().item(), record
+    loss = torch.stack([d["loss"].float() for d in losses]).mean()
+    torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
+    return loss.item() / ps.get_data_parallel_world_size(), record
 
 
 def output_paths(output_dir: str) -> Dict[str, str]:

@@ -37,7 +37,10 @@ class Row(Column):
 
 
 class TELayerNormColumnParallelLinear(Column):
-    pass
+    """Where megatron keeps its Transformer Engine layers."""
+
+
+TELayerNormColumnParallelLinear.__module__ = "megatron.core.extensions.transformer_engine"
 
 
 def gpt(qkv=None, proj=None, **config):
@@ -69,7 +72,7 @@ def test_megatron_layers_are_recognised_by_their_attributes():
     (gpt(context_parallel_size=2), "Context parallelism is not supported"),
     (gpt(qkv=Column(16, 48, gather_output=True)), "gather_output=True"),
     (gpt(proj=Row(16, 16, input_is_parallel=False)), "input_is_parallel=False"),
-    (gpt(qkv=TELayerNormColumnParallelLinear(16, 48)), "its layer norm is fused into the linear layer"),
+    (gpt(qkv=TELayerNormColumnParallelLinear(16, 48)), "Transformer Engine's TELayerNormColumnParallelLinear"),
     (gpt(qkv=Column(16, 2)), "r=4 is larger than the smaller dimension of attn.linear_qkv (16->2)"),
 ])
 def test_what_the_backend_cannot_adapt_is_refused_before_anything_changes(model, says):
@@ -89,4 +92,7 @@ def test_a_target_that_is_no_parallel_linear_and_a_name_that_matches_nothing_are
 def test_the_seed_of_a_layers_A_ignores_wrapper_prefixes_and_differs_between_layers():
     name = "decoder.layers.0.self_attention.linear_qkv"
     assert layer_seed(3, name) == layer_seed(3, "module.module." + name)
-    assert layer_seed(3, name) != layer_seed(3, name.replace("0", "1")) != layer_seed(4, name)
+    names = [f"decoder.layers.{i}.{kind}" for i in range(126) for kind in
+             ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")]
+    assert len({layer_seed(3, n) for n in names}) == len(names)  # Llama-3.1-405B's 126 layers: no two alike
+    assert layer_seed(3, name) != layer_seed(4, name)

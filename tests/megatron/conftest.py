@@ -17,7 +17,7 @@ HAS_MEGATRON = (importlib.util.find_spec("megatron") is not None
 # the layouts also stopped and resumed, the export check's layout, the Megatron-vs-HF sequence-parallel settings.
 LAUNCHES = {
     1: {"runs": "tp1/score,tp1/norm", "resume": "tp1", "export": "tp1", "hf_checks": "off"},
-    2: {"runs": "tp2sp/score,tp2/norm,tp1/score,tp1-plain/norm,tp2-plain/score", "resume": "",
+    2: {"runs": "tp2sp/score,tp2/norm,tp1/score,tp1/norm,tp1-plain/norm,tp2-plain/score", "resume": "",
         "export": "tp2sp", "hf_checks": "off,on"},
     4: {"runs": "tp2sp/score", "resume": "tp2sp"},
 }

@@ -52,7 +52,8 @@ def train_and_export(out_dir: str, tp: int, sp: bool, steps: int = 5) -> dict:
     beamlora_ds.save_megatron_adapter(model, out_dir, hf.config, optimizer=optimizer,
                                       base_model_name_or_path="builtin-tiny")
     result = {"resets": len(beam.history), "pruned": sum(len(r["pruned"]) for r in beam.history),
-              "decayed_scores": beam.decayed_scores(optimizer)}
+              "decayed_scores": beam.decayed_scores(optimizer),
+              "group_weight_decays": sorted({g["weight_decay"] for g in optimizer.param_groups})}
     if dist.get_rank() == 0:
         from peft import PeftModel
 

@@ -109,7 +109,23 @@ def run(layout: str, importance: str, data, resume_at=None, folder=None):
         losses.append(train_step(model, optimizer, beam, micro_batches))
     pruned = [[record["step"], sorted(map(list, record["pruned"]))] for record in beam.history]
     return {"losses": losses, "pruned": pruned, "adapter": consolidated(beam),
-            "all_reduce_bytes": beam.access_for(optimizer).all_reduce_bytes}
+            "all_reduce_bytes": beam.access_for(optimizer).all_reduce_bytes,
+            "cut_parameters": cut_parameters(beam, optimizer)}
+
+
+def cut_parameters(beam, optimizer) -> int:
+    """How many adapter parameters a data-parallel shard boundary cuts (held in part by some process)."""
+    from beamlora_ds.backends.megatron import internals
+
+    cut = 0
+    for inner in internals.inner_optimizers(optimizer):
+        for m in beam.modules:
+            for p in (m.lora_A, m.lora_B):
+                start, numel = internals.owned_range(inner, p)
+                cut += int(0 < numel < p.numel())
+    total = torch.tensor([cut])
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 def main():

@@ -32,13 +32,21 @@ def test_the_single_process_reference_resets_and_learns(launched):
 
 @pytest.mark.parametrize("nproc, layout", [
     (2, "tp2sp/score"), (2, "tp2/norm"),      # tensor parallelism, with and without sequence parallelism
-    (2, "tp1/score"), (2, "tp1-plain/norm"),  # data parallelism: the DistributedOptimizer, the plain optimizer
+    (2, "tp1/score"), (2, "tp1/norm"),        # data parallelism: the DistributedOptimizer,
+    (2, "tp1-plain/norm"),                    # and the plain optimizer
     (2, "tp2-plain/score"),
     (4, "tp2sp/score"),                       # tensor x data parallelism, the DistributedOptimizer
 ])
 def test_a_parallel_run_follows_the_single_process_run(launched, nproc, layout):
     reference = launched(1)[f"tp1/{layout.split('/')[1]}"]
     assert_follows(launched(nproc)[layout], reference, f"{nproc} processes, {layout}")
+
+
+def test_a_distributed_optimizer_shard_boundary_falls_inside_an_adapter_parameter(launched):
+    """What makes the data-parallel runs test the shard cut (a row of A or a column of B split between processes)."""
+    assert launched(2)["tp1/score"]["cut_parameters"] >= 1
+    assert launched(4)["tp2sp/score"]["cut_parameters"] >= 1
+    assert launched(2)["tp1-plain/norm"]["cut_parameters"] == 0
 
 
 def test_the_distributed_optimizer_shards_are_rebuilt_with_all_reduces(launched):
@@ -65,5 +73,6 @@ def test_the_exported_adapter_loads_in_stock_peft_with_the_same_logits(launched,
     assert export["max_abs_diff"] <= 1e-4, export
     assert export["adapter_effect"] > 100 * max(export["max_abs_diff"], 1e-6)  # the adapter changed the logits
     assert export["peft_modules"] == 7  # q, k, v, o, gate, up, down
-    assert export["decayed_scores"] == []  # megatron_optimizer_overrides keeps weight decay off the scores
+    assert export["decayed_scores"] == []  # megatron_optimizer_overrides keeps weight decay off the scores,
+    assert 0.01 in export["group_weight_decays"]  # not off A and B
     assert "adapter_model.safetensors" in export["files"]

@@ -127,6 +127,7 @@ class ZeroAccess(EngineSteps, FragmentAccess):
         indices = [group_of.get(id(m.score_parameter)) for m in self.modules]
         return [groups[i].get("weight_decay", 0.0) if i is not None and i < len(groups) else None for i in indices]
 
+
 class Stage0Access(EngineSteps, TorchAccess):
     """ZeRO stage 0 in fp32: whole parameters and one plain torch optimizer per process, stepped by the engine
     (every process applies the same edit)."""

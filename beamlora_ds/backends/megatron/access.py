@@ -136,16 +136,15 @@ class MegatronAccess(FragmentAccess):
     def is_process_zero(self) -> bool:
         return coordination.is_process_zero()
 
+    def all_processes_agree(self, checksum: float) -> bool:
+        """Over every process (tensor- and data-parallel), not only the group the fragments are spread across."""
+        return coordination.all_agree(checksum)
+
 
 def megatron_steps(optimizer, modules: Sequence[BeamLoRALinear]) -> Optional[int]:
     """The updates the optimizer gave the adapter, by torch Adam's per-parameter `step` of the parts this process
     holds (None before the first step, or where it holds none)."""
-    steps = []
-    for inner in internals.inner_optimizers(optimizer):
-        for m in modules:
-            for _, p in adapter_parameters(m):
-                if internals.holds(inner, p):
-                    step = internals.main_and_state(inner, p).get("step")
-                    if step is not None:
-                        steps.append(int(step))
+    steps = [internals.adam_step(inner, p) for inner in internals.inner_optimizers(optimizer)
+             for m in modules for _, p in adapter_parameters(m) if internals.holds(inner, p)]
+    steps = [s for s in steps if s is not None]
     return max(steps) if steps else None

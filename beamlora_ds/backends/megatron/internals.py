@@ -9,7 +9,7 @@ internals"; tests/megatron pin them for the version in constraints.txt).
   the wrapped torch optimizer's `param_groups` (what `_get_main_param_and_optimizer_states` reads), whose
   `state[main]` holds the moments: live tensors BeamLoRA writes in place;
 - the plain optimizers' `p.main_param` (bf16: the fp32 copy; fp32: none, the parameter is its own master) and the
-  wrapped torch optimizer's `state[main]`.
+  wrapped torch optimizer's `state[main]` and `param_groups` (FusedAdam keeps its step count in the group).
 """
 from __future__ import annotations
 
@@ -93,10 +93,34 @@ def main_and_state(optimizer, param: torch.nn.Parameter) -> Dict[str, torch.Tens
 
 
 def weight_decay_of(optimizer, param: torch.nn.Parameter):
-    """The weight decay the optimizer's group for `param` applies (None where this process cannot tell): its
-    `weight_decay` times its `wd_mult`, as Megatron's OptimizerParamScheduler sets it at every step."""
+    """The weight decay the optimizer's group for `param` applies (None where this process cannot tell): the
+    group's `weight_decay`, which Megatron's OptimizerParamScheduler rewrites (as weight decay x `wd_mult`) at its
+    construction and every step, and which the torch optimizer reads."""
     main = main_param(optimizer, param)
     for group in optimizer.optimizer.param_groups:
         if any(main is p for p in group["params"]):
-            return group.get("weight_decay", 0.0) * group.get("wd_mult", 1.0)
+            return group.get("weight_decay", 0.0)
     return None
+
+
+def adam_step(optimizer, param):
+    """Adam's step count for the part of `param` this process holds: torch keeps it per parameter, Transformer
+    Engine's and Apex's FusedAdam (Megatron's choice where installed) per group. None before the first step."""
+    main = main_param(optimizer, param)
+    if main is None:
+        return None
+    step = state_of(optimizer, main).get("step")
+    if step is None:
+        step = next((g.get("step") for g in optimizer.optimizer.param_groups if any(main is p for p in g["params"])),
+                    None)
+    return None if step is None else int(step)
+
+
+def group_settings(optimizer) -> list:
+    """The wrapped torch optimizer's group entries other than the parameters (lr, betas, FusedAdam's step, ...)."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.optimizer.param_groups]
+
+
+def set_group_settings(optimizer, settings: list) -> None:
+    for group, saved in zip(optimizer.optimizer.param_groups, settings):
+        group.update(saved)

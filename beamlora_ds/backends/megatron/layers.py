@@ -1,8 +1,8 @@
 """BeamLoRA on megatron-core's parallel linear layers: which layers, how the adapter is split, and its collectives.
 
-Megatron's `ColumnParallelLinear` / `RowParallelLinear` (and Transformer Engine's `TEColumnParallelLinear` /
-`TERowParallelLinear`, which share their attributes and their `(output, bias)` return) are adapted in the layout
-used under DeepSpeed AutoTP: the rank dimension is never split (docs/tensor_parallel.md). A column base keeps A and
+Megatron's `ColumnParallelLinear` / `RowParallelLinear` (the local layer spec's; Transformer Engine's linears are
+refused for now: their attributes differ, and they cannot be tested without a GPU) are adapted in the layout used
+under DeepSpeed AutoTP: the rank dimension is never split (docs/tensor_parallel.md). A column base keeps A and
 the score replicated and splits B on the output; a row base splits A on the input and keeps B replicated.
 
 Under sequence parallelism a replicated factor sees only this process's part of the sequence:
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
@@ -30,7 +31,7 @@ from ...method.layer import COLUMN, ROW, BeamLoRALinear
 from ...method.score_table import attach_score_table
 from ..tensor_parallel import TensorParallelSplit
 
-PARALLEL_LINEARS = "megatron-core's ColumnParallelLinear / RowParallelLinear (or Transformer Engine's TE versions)"
+PARALLEL_LINEARS = "megatron-core's ColumnParallelLinear / RowParallelLinear"
 
 
 def parallel_kind(module: nn.Module):
@@ -44,9 +45,16 @@ def parallel_kind(module: nn.Module):
     return None
 
 
+def is_transformer_engine(module: nn.Module) -> bool:
+    """Megatron's Transformer Engine linears (TELinear, TEColumnParallelLinear, TELayerNormColumnParallelLinear, ...)
+    by their module, never importing them."""
+    return any(cls.__module__.startswith(("megatron.core.extensions.transformer_engine", "transformer_engine"))
+               for cls in type(module).__mro__)
+
+
 def is_megatron_model(model: nn.Module) -> bool:
     """True when `model` holds Megatron parallel linear layers (apply() then wraps them with this backend)."""
-    return any(parallel_kind(m) is not None for m in model.modules())
+    return any(parallel_kind(m) is not None or is_transformer_engine(m) for m in model.modules())
 
 
 @dataclass(frozen=True)
@@ -104,13 +112,14 @@ def check_megatron_targets(model: nn.Module, config: BeamLoRAConfig) -> List[Tup
     found = []
     for name, module in matched:
         kind = parallel_kind(module)
+        if is_transformer_engine(module):
+            raise TypeError(f"{name} is Transformer Engine's {type(module).__name__}: not supported yet (its "
+                            "attributes differ from Megatron's layers and it is untested without a GPU). Build the "
+                            "model with the local layer spec (get_gpt_layer_local_spec), whose linears BeamLoRA "
+                            "adapts.")
         if kind is None:
             raise TypeError(f"{name} ({type(module).__name__}) is not one of {PARALLEL_LINEARS}; narrow "
                             "target_modules to the parallel linear layers.")
-        if "LayerNorm" in type(module).__name__:
-            raise TypeError(f"{name} is a {type(module).__name__}: its layer norm is fused into the linear layer, so "
-                            "the adapter cannot see the normalized input. Build the model with the local layer spec "
-                            "(get_gpt_layer_local_spec) or a TE spec with separate norms.")
         if kind == COLUMN and getattr(module, "gather_output", False):
             raise ValueError(f"{name} gathers its output (gather_output=True); BeamLoRA adapts column-parallel layers "
                              "whose output stays split, as in Megatron's GPT.")
@@ -182,7 +191,7 @@ def layer_seed(seed: int, name: str) -> int:
     """A seed for one layer's A from the run's seed and the layer's name without wrappers' `module.` prefixes (the
     same layer gets the same A in every tensor- and data-parallel layout)."""
     plain = re.sub(r"^(module\.)+", "", name)
-    return (int(seed) * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(plain))) % (2 ** 63)
+    return zlib.crc32(f"{int(seed)}:{plain}".encode())
 
 
 def parallel_layout() -> Dict[str, int]:

@@ -13,5 +13,7 @@ def megatron_optimizer_overrides(optimizer_config) -> dict:
     from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
     overrides = dict(get_standard_config_overrides(optimizer_config))
-    overrides[ParamKey(name=SCORE_PARAMETER)] = ParamGroupOverride(wd_mult=0.0)
+    # wd_mult 0 for Megatron's scheduler, which sets a group's weight_decay to wd x wd_mult at every step, and
+    # weight_decay 0 for a loop without that scheduler (the torch optimizer reads the group's weight_decay)
+    overrides[ParamKey(name=SCORE_PARAMETER)] = ParamGroupOverride(wd_mult=0.0, weight_decay=0.0)
     return overrides
