@@ -57,10 +57,10 @@ def test_the_example_loop_learns_and_writes_a_peft_adapter(tmp_path):
     from beamlora_ds.testing.launcher import RETRIED
 
     output = run_with_shims("examples/train_megatron.py", ["--tensor_parallel", 2, "--sequence_parallel",
-                                                           "--steps", 30, "--output_dir", tmp_path])
+                                                           "--steps", 20, "--output_dir", tmp_path])
     output = output.split(RETRIED)[-1]  # a native abort at exit is retried once (docs/testing.md)
     losses = [float(line.split("loss ")[1].split(",")[0]) for line in output.splitlines() if line.startswith("step ")]
-    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert len(losses) == 2 and losses[-1] < losses[0]
     assert "reset pruned" in output
     assert len(adapter_tensors(tmp_path / "adapter")) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
 
