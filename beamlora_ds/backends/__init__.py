@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 from ..method.layer import BeamLoRALinear
 from ..method.seam import Platform, PlatformAccess
+from . import coordination
 from .deepspeed.zero_access import access_for_engine, engine_steps
 from .megatron.access import MegatronAccess, megatron_steps
 from .megatron.internals import is_megatron_optimizer
@@ -38,6 +39,9 @@ class Backends(Platform):
         if is_megatron_optimizer(optimizer_or_engine):
             return megatron_steps(optimizer_or_engine, modules)
         return adam_steps(optimizer_or_engine, modules)
+
+    def process_place(self) -> dict:
+        return {"rank": coordination.rank(), "world_size": coordination.world_size()}
 
     def optimizer_holding(self, parameters):
         holders = optimizers_holding(parameters)

@@ -116,7 +116,7 @@ def _load_on_new_world_size(engine, beam, load_dir: str, tag: str, saved_world: 
     problem = coordination.first_problem(problem)
     if problem:
         raise CheckpointDamagedError(f"Cannot read the BeamLoRA state of checkpoint {tag!r}: {problem}")
-    saved = states[0]["beamlora"]
+    saved = dict(states[0]["beamlora"], process=beam.process_place)  # its snapshot is cut again for this process
     _check_fits(saved, beam, engine, os.path.join(load_dir, tag), tag)
     if stage == 0:  # ZeRO-0 keeps whole tensors and one optimizer state: DeepSpeed loads it on any world size
         with adapter_only_loads(engine):

@@ -204,7 +204,8 @@ class BeamController:
         return {"version": STATE_VERSION, "global_step": self.global_step, "config": self.config.to_dict(),
                 "module_names": list(self.module_names), "snapshot": self._snapshot,
                 "snapshot_step": self._snapshot_step, "history": list(self.history),
-                "nonfinite_loss_step": self._nonfinite_loss_step, "tensor_parallel": self.tensor_parallel_layout}
+                "nonfinite_loss_step": self._nonfinite_loss_step, "tensor_parallel": self.tensor_parallel_layout,
+                "process": self.process_place}
 
     def resume_problem(self, state: dict) -> Optional[str]:
         """Why this controller cannot continue from a saved `state_dict()`, or None: another state version,
@@ -221,12 +222,20 @@ class BeamController:
         if list(state["module_names"]) != self.module_names:
             return (f"Cannot resume: the checkpoint has {len(state['module_names'])} BeamLoRA modules, this model has "
                     f"{len(self.module_names)} (or different names). Use the same target_modules.")
+        if state.get("process", self.process_place) != self.process_place:  # a state without one predates it
+            return foreign_state_message(state["process"], self.process_place)
         if state["tensor_parallel"] != self.tensor_parallel_layout:
             return ("Cannot resume: the checkpoint was written with another tensor-parallel split (autotp_size or "
                     "model) than this run's, and its model and optimizer files are per slice. Resume with the same "
                     "tensor_parallel.autotp_size, or export the adapter (beamlora-export consolidates the slices) "
                     "and start a new run from it.")
         return None
+
+    @property
+    def process_place(self) -> dict:
+        """{"rank", "world_size"} of this process: a state holds this process's snapshot shard and random streams,
+        so only the process that wrote it may continue from it."""
+        return dict(self._platform.process_place())
 
     @property
     def tensor_parallel_layout(self) -> dict:
@@ -244,6 +253,15 @@ class BeamController:
         self._snapshot_step = state["snapshot_step"]
         self.history = list(state["history"])
         self._nonfinite_loss_step = state["nonfinite_loss_step"]
+
+
+def foreign_state_message(saved: dict, here: dict) -> str:
+    return (f"Cannot resume: this BeamLoRA state was saved by process {saved.get('rank')} of "
+            f"{saved.get('world_size')}, and this is process {here['rank']} of {here['world_size']}. Each process "
+            "holds its own snapshot shard, so each must load the state it saved: resume with "
+            "beamlora_ds.save_checkpoint / load_checkpoint (one state file per process, also across a change in the "
+            "number of processes), or save and load beam.state_dict() per process (a framework's checkpointing that "
+            "saves one copy for all processes, such as accelerate's register_for_checkpointing, does not).")
 
 
 def _log(access: PlatformAccess, level: int, message: str, *args) -> None:

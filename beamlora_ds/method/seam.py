@@ -90,6 +90,11 @@ class Platform:
         """How many updates the optimizer or engine counted itself (None when it keeps no count); no checks."""
         raise NotImplementedError
 
+    def process_place(self) -> dict:
+        """{"rank", "world_size"} of this process in the job (a controller's state belongs to the process that wrote
+        it)."""
+        return {"rank": 0, "world_size": 1}
+
     def optimizer_holding(self, parameters) -> Optional[object]:
         """The one live optimizer that holds any of `parameters`, or None (none, or several)."""
         raise NotImplementedError

@@ -161,6 +161,44 @@ def test_resume_mid_interval_equals_the_uninterrupted_run():
         assert torch.equal(v, reference[k]), k
 
 
+class ProcessOf:
+    """The backends' platform, as process `rank` of `world_size` sees it."""
+
+    def __init__(self, platform, rank, world_size):
+        self.platform, self.place = platform, {"rank": rank, "world_size": world_size}
+
+    def __getattr__(self, name):
+        return getattr(self.platform, name)
+
+    def process_place(self):
+        return dict(self.place)
+
+
+def test_a_state_another_process_saved_is_refused_naming_the_fix():
+    """One copy of process 0's state loaded by every process (accelerate's register_for_checkpointing) would give
+    process 1 another process's snapshot shard: a silently different model after the next reset. Refused; the
+    process's own state, and a state saved before processes were recorded, load."""
+    _, saver, opt = make_run(total_steps=24)
+    saver._platform = ProcessOf(saver._platform, 0, 2)
+    for b in regression_batches(5):
+        saver.step(opt)
+    state = saver.state_dict()
+    assert state["process"] == {"rank": 0, "world_size": 2}
+    _, other, _ = make_run(total_steps=24)
+    other._platform = ProcessOf(other._platform, 1, 2)
+    problem = other.resume_problem(state)
+    assert "saved by process 0 of 2, and this is process 1 of 2" in problem
+    assert "beamlora_ds.save_checkpoint / load_checkpoint" in problem and "register_for_checkpointing" in problem
+    with pytest.raises(ValueError, match="saved by process 0 of 2"):
+        other.load_state_dict(state)
+    other._platform = ProcessOf(other._platform.platform, 0, 2)
+    other.load_state_dict(state)
+    assert other.global_step == 5
+    unrecorded = {k: v for k, v in state.items() if k != "process"}
+    _, older, _ = make_run(total_steps=24)
+    assert older.resume_problem(unrecorded) is None
+
+
 def test_resume_without_controller_state_fails_clearly():
     model, beam, opt = make_run(total_steps=24)
     batches = regression_batches(8)
