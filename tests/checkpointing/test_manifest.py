@@ -3,6 +3,7 @@ before a resume loads it, and the newest intact checkpoint is found past damaged
 import hashlib
 import json
 import os
+import shutil
 import runpy
 import sys
 import zlib
@@ -260,3 +261,31 @@ def test_python_dash_m_exits_with_the_code(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module("beamlora_ds.checkpointing.verify_cli", run_name="__main__")
     assert exit_.value.code == 1 and "missing" in capsys.readouterr().out
+
+
+def test_cli_on_a_run_folder_or_a_checkpoints_folder_checks_every_checkpoint_in_it(tmp_path, capsys):
+    """A run's output folder or its checkpoints/ folder: each checkpoint checked and named (one damaged, one
+    unfinished), never the advice to delete the folder that holds them; a folder with none says where to point."""
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    for step in (10, 20):
+        make_checkpoint(str(checkpoints / f"global_step{step}"), step=step, seed=step)
+    os.truncate(checkpoints / "global_step20" / OURS, 3)
+    unfinished = checkpoints / "global_step30"
+    unfinished.mkdir()
+    (checkpoints / "latest").write_text("global_step20")
+    for target in (run, checkpoints):
+        assert verify_cli.main([str(target)]) == 1
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split(" ", 2)[:2] for line in lines] == [
+            ["damaged", str(checkpoints / "global_step20:")], ["ok", str(checkpoints / "global_step10")],
+            ["unchecked", str(checkpoints / "global_step30:")]]
+        assert "delete" not in lines[2]
+    shutil.rmtree(unfinished)
+    make_checkpoint(str(checkpoints / "global_step20"), step=20, seed=20)
+    assert verify_cli.main([str(run)]) == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert verify_cli.main([str(empty)]) == 1
+    out = capsys.readouterr().out.splitlines()[-1]
+    assert "is not a checkpoint" in out and "OUTPUT/checkpoints" in out and "delete" not in out
