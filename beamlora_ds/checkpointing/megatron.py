@@ -72,22 +72,28 @@ def raise_on_all(error_type, problem: Optional[str]) -> None:
 
 
 def trained_tensors(model, optimizer) -> Dict[str, object]:
-    """This process's trainable tensors, the main values and optimizer state of the part it owns and where that
-    part lies, the optimizers' kinds and group settings: host copies."""
+    """This process's trainable tensors, the main values and optimizer state of the part it owns (host copies),
+    with the ownership record and the optimizers' group settings."""
     inners = internals.inner_optimizers(optimizer)
-    params, states, owned = {}, {}, {}
-    for name, p in unwrap_model(model).named_parameters():
-        if not p.requires_grad:
-            continue
-        params[name] = p.detach().cpu().clone()
-        for inner in inners:
-            if internals.holds(inner, p):
-                states[name] = {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
-                                for k, v in internals.main_and_state(inner, p).items()}
-                owned[name] = internals.owned_range(inner, p)
-    return {"params": params, "optimizer": states, "owned": owned,
-            "optimizers": [type(inner).__name__ for inner in inners],
+    trained = trained_parameters(model)
+    params = {name: p.detach().cpu().clone() for name, p in trained.items()}
+    states = {name: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+                     for k, v in internals.main_and_state(inner, p).items()}
+              for name, p in trained.items() for inner in inners if internals.holds(inner, p)}
+    return {"params": params, "optimizer": states, **ownership(trained, inners),
             "groups": [internals.group_settings(inner) for inner in inners]}
+
+
+def trained_parameters(model) -> Dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in unwrap_model(model).named_parameters() if p.requires_grad}
+
+
+def ownership(trained: Dict[str, torch.nn.Parameter], inners) -> Dict[str, object]:
+    """Which optimizers hold the trainable parameters, and which part of each this process owns: what a
+    checkpoint's optimizer files must match to be restored (no tensor copied)."""
+    return {"owned": {name: internals.owned_range(inner, p) for name, p in trained.items() for inner in inners
+                      if internals.holds(inner, p)},
+            "optimizers": [type(inner).__name__ for inner in inners]}
 
 
 def megatron_rng_states():
@@ -131,13 +137,14 @@ def checkpoint_problem(state: dict, folder: str, model, optimizer, beam) -> Opti
     if state["layout"] != parallel_layout():
         return (f"{folder!r} was saved in the parallel layout {state['layout']}, this run is {parallel_layout()}; "
                 "resume with the same tensor and data parallel sizes.")
-    now = trained_tensors(model, optimizer)
+    trained = trained_parameters(model)
+    now = ownership(trained, internals.inner_optimizers(optimizer))
     if state["optimizers"] != now["optimizers"] or state["owned"] != now["owned"]:
         return (f"{folder!r} was saved with the optimizer(s) {state['optimizers']} owning other parts of the adapter "
                 f"than this run's {now['optimizers']}: resume with the same optimizer settings "
                 "(distributed or plain, the same DDP bucket and padding settings).")
-    if set(state["params"]) != set(now["params"]):
-        differ = sorted(set(state["params"]) ^ set(now["params"]))
+    if set(state["params"]) != set(trained):
+        differ = sorted(set(state["params"]) ^ set(trained))
         return f"{folder!r} holds other trainable parameters than this model: {differ[:3]}."
     return beam.resume_problem(state["beam"])
 
