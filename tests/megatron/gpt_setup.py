@@ -7,6 +7,7 @@ import zlib
 import torch
 
 import cpu_shims
+from beamlora_ds.backends.megatron.hf_llama import fuse_fc1_rows, split_fc1_rows
 
 VOCAB, SEQ, HIDDEN, HEADS, GROUPS, FFN, LAYERS = 128, 16, 64, 4, 2, 128, 2
 # every projection of layer 0, only fc1 of layer 1: the adapters' sizes are uneven, so the DistributedOptimizer's
@@ -60,19 +61,18 @@ def seed_weights(model, tp: int) -> None:
 
 
 def tensor_parallel_slice(name: str, full: torch.Tensor, tp: int, rank: int, dim: int) -> torch.Tensor:
-    """This process's slice of a whole tensor as Megatron lays it out: a gated fc1 is [gate | up] whole and
-    [gate_k | up_k] on process k; everything else is a plain chunk (qkv: whole query groups)."""
+    """This process's slice of a whole tensor as Megatron lays it out: a gated fc1 (column-parallel, split on its
+    rows) is [gate | up] whole and [gate_k | up_k] on process k (the converter's own map); everything else is a
+    plain chunk (qkv: whole query groups)."""
     if "linear_fc1" in name:
-        gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
+        return fuse_fc1_rows(*full.chunk(2), tp)[rank]
     return full.chunk(tp, dim=dim)[rank]
 
 
 def whole_from_slices(name: str, slices, dim: int) -> torch.Tensor:
     """The inverse of tensor_parallel_slice over every process's slice."""
     if "linear_fc1" in name:
-        halves = [s.chunk(2, dim=dim) for s in slices]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+        return torch.cat(split_fc1_rows(slices))
     return torch.cat(list(slices), dim=dim)
 
 

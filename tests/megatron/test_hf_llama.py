@@ -2,7 +2,6 @@
 and Megatron GPT models built and loaded from HF models giving the HF logits (in launched processes: megatron's
 CPU shims patch torch, so megatron never runs in the pytest process)."""
 import ast
-import importlib.util
 import os
 from types import SimpleNamespace
 
@@ -19,9 +18,6 @@ MODELS = {"tiny_llama", "tied_mha_llama", "qwen2_qkv_bias"}  # the worker's arch
 TOLERANCE = 1e-5
 # 4 query heads in 2 groups, head_dim 1: Megatron's rows are q0 q1 k0 v0 | q2 q3 k1 v1
 GQA = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, head_dim=1, hidden_size=4)
-needs_megatron = pytest.mark.skipif(importlib.util.find_spec("megatron") is None
-                                    or importlib.util.find_spec("megatron.core") is None,
-                                    reason="megatron-core is not installed")
 
 
 # ---------------------------------------------------------------------------------------------- row maps

@@ -9,11 +9,9 @@ import sys
 
 import pytest
 
-from conftest import HAS_MEGATRON
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIMS = os.path.join(ROOT, "tests", "megatron", "with_cpu_shims.py")
-needs_megatron = pytest.mark.skipif(not HAS_MEGATRON, reason="megatron-core is not installed")
+needs_megatron = pytest.mark.usefixtures("megatron_installed")  # conftest.py
 
 
 def run_with_shims(script, args, nproc=2):
@@ -92,10 +90,9 @@ def test_the_entry_refuses_layouts_megatron_cannot_run_before_loading(argv, worl
         megatron_run.check_layout(args, world, load_config("builtin-tiny"))
 
 
+@needs_megatron
 def test_the_entry_says_megatron_needs_a_gpu_where_there_is_none(tmp_path):
     """On this CPU as it is (no shims): one line, exit code 2, nothing written."""
-    if not HAS_MEGATRON:
-        pytest.skip("megatron-core is not installed")
     done = subprocess.run([sys.executable, "launch/train_megatron.py", "--output_dir", str(tmp_path / "out")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, WORLD_SIZE="1"))
     assert done.returncode == 2 and "megatron-core needs a CUDA GPU" in done.stderr, done.stderr[-2000:]
