@@ -1,4 +1,5 @@
-"""Host memory and disk measuring shared by the loading benchmarks (load_memory.py, startup_scale.py).
+"""What the loading benchmarks (load_memory.py, startup_scale.py) share: host memory and disk measuring, the
+random model they load, and where their results go.
 
 - `status_bytes(pid)`: VmRSS, VmHWM, RssAnon (heap and tensors) and RssFile (pages of mapped files, such as an
   mmapped checkpoint) of a process, from /proc.
@@ -8,8 +9,11 @@
   time other work took.
 - `evict(folder)` and `read_speed(folder)`: drop a saved checkpoint's pages from the page cache (posix_fadvise,
   no root needed) so that a launch reads it from disk, and the disk's cold and the page cache's warm read speed.
+- `save_random_llama(folder, **config)`: the model a benchmark loads, random and saved in bf16.
+- `write_result(result, json_path, quick, name)`: where both write their JSON.
 """
 import glob
+import json
 import os
 import re
 import threading
@@ -157,3 +161,28 @@ def read_speed(folder: str, cold: bool) -> float:
                     break
                 total += len(block)
     return total / (time.perf_counter() - started)
+
+
+def write_result(result: dict, json_path, quick: bool, name: str) -> None:
+    """`result` as JSON to `json_path`, else (a full run, not --quick) to benchmarks/results/`name`."""
+    path = json_path or (None if quick else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name))
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {path}")
+
+
+def save_random_llama(folder: str, **config) -> int:
+    """A random Llama (seed 0) of LlamaConfig `config`, saved in bf16 (safetensors); returns its parameter count."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=256, **config))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())

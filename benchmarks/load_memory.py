@@ -29,7 +29,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from host_memory import MiB, NodeSampler, status_bytes  # noqa: E402  (beside this file)
+from host_memory import MiB, NodeSampler, save_random_llama, status_bytes, write_result  # noqa: E402  (beside this file)
 
 MODES = ("together", "turns")
 
@@ -65,20 +65,9 @@ def parse(argv=None):
 # --------------------------------------------------------------------------------------- launcher side
 def save_model(args, folder: str) -> int:
     """A random Llama of the requested shape, saved in bf16; returns its parameter count."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, max_position_embeddings=256)
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
+    return save_random_llama(folder, vocab_size=args.vocab, hidden_size=args.hidden,
+                             intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                             num_attention_heads=args.heads, num_key_value_heads=args.heads)
 
 
 def launch_mode(args, model_dir: str, mode: str, extra=()) -> dict:
@@ -156,12 +145,7 @@ def main(argv=None):
         runs = [launch_mode(args, model_dir, mode) for _ in range(args.repeats) for mode in args.modes.split(",")]
     result = summarize(args, runs, parameters)
     report(result)
-    path = args.json or (None if args.quick else os.path.join(ROOT, "benchmarks", "results", "load_memory.json"))
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {path}")
+    write_result(result, args.json, args.quick, "load_memory.json")
 
 
 # ------------------------------------------------------------------------------------------ worker side

@@ -43,7 +43,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import startup_fit  # noqa: E402
-from host_memory import MiB, NodeSampler, busy_cpu_s, evict, read_speed, status_bytes  # noqa: E402
+from host_memory import (MiB, NodeSampler, busy_cpu_s, evict, read_speed, save_random_llama,  # noqa: E402
+                         status_bytes, write_result)
 
 SIZES = {
     "tiny": {"hidden": 512, "intermediate": 1376, "layers": 2, "heads": 4, "kv_heads": 4, "vocab": 4096,
@@ -87,21 +88,10 @@ def parse(argv=None):
 # --------------------------------------------------------------------------------------- launcher side
 def save_model(shape: dict, folder: str) -> int:
     """A random Llama of `shape`, saved in bf16 (safetensors); returns its parameter count."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
-                         intermediate_size=shape["intermediate"], num_attention_heads=shape["heads"],
-                         num_key_value_heads=shape["kv_heads"], tie_word_embeddings=shape["tied"],
-                         max_position_embeddings=256)
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
+    return save_random_llama(folder, vocab_size=shape["vocab"], hidden_size=shape["hidden"],
+                             num_hidden_layers=shape["layers"], intermediate_size=shape["intermediate"],
+                             num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                             tie_word_embeddings=shape["tied"])
 
 
 def launch(args, size: str, model_dir: str, mode: str, nproc: int, at_once: int) -> dict:
@@ -308,12 +298,7 @@ def main(argv=None):
     result = analyse(points, speeds, args)
     result["launches"] = launches
     report(result)
-    path = args.json or (None if args.quick else os.path.join(ROOT, "benchmarks", "results", "startup_scale.json"))
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {path}")
+    write_result(result, args.json, args.quick, "startup_scale.json")
 
 
 # ------------------------------------------------------------------------------------------ worker side
