@@ -17,7 +17,7 @@ from .method.inject import wrap_targets
 from .backends import BACKENDS
 from .backends.torch_access import optimizers_holding
 from .backends.deepspeed.internals import taken_by_zero_optimizer
-from .backends.megatron.layers import is_megatron_model, wrap_megatron_targets
+from .backends.megatron.layers import is_megatron_model, wrap_megatron_model
 from .backends.wrappers import is_deepspeed_engine, is_megatron_wrapper
 
 ORDER = ("The order is: model -> beamlora_ds.apply(model, config) -> optimizer from "
@@ -30,11 +30,19 @@ def apply(model: nn.Module, config: BeamLoRAConfig) -> BeamController:
     Only `lora_A`, `lora_B` and the scores stay trainable; the scores of all wrapped layers live in one
     (modules x r) table, `model.beamlora_scores.lora_score` (docs/fused_score_design.md). Fails before changing
     anything when nothing matches, a match is not a linear layer, or r does not fit a layer. On a megatron-core
-    model the targets are its parallel linear layers (docs/megatron.md).
+    model the targets are its parallel linear layers (docs/megatron.md); under a virtual pipeline, pass the list
+    of this process's model chunks (docs/pipeline.md).
     """
     config.validate()
-    check_model_before_apply(model)
-    wrap = wrap_megatron_targets if is_megatron_model(model) else wrap_targets
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        check_model_before_apply(chunk)
+    if isinstance(model, (list, tuple)):
+        if not chunks or not all(is_megatron_model(c) for c in chunks):
+            raise TypeError("apply() takes a list of models only for megatron-core's virtual pipeline (the model "
+                            "chunks of this process); pass a single model otherwise.")
+        return BeamController(wrap_megatron_model(chunks, config), config, BACKENDS)
+    wrap = wrap_megatron_model if is_megatron_model(model) else wrap_targets
     return BeamController(wrap(model, config), config, BACKENDS)
 
 

@@ -85,7 +85,14 @@ def trained_tensors(model, optimizer) -> Dict[str, object]:
 
 
 def trained_parameters(model) -> Dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in unwrap_model(model).named_parameters() if p.requires_grad}
+    return {name: p for name, p in named_parameters(model).items() if p.requires_grad}
+
+
+def named_parameters(model) -> Dict[str, torch.nn.Parameter]:
+    """The parameters of the GPT, or of this process's virtual pipeline chunks (named `<chunk>.<name>`)."""
+    if isinstance(model, (list, tuple)):
+        return {f"{i}.{name}": p for i, chunk in enumerate(model) for name, p in named_parameters(chunk).items()}
+    return dict(unwrap_model(model).named_parameters())
 
 
 def ownership(trained: Dict[str, torch.nn.Parameter], inners) -> Dict[str, object]:
@@ -136,7 +143,7 @@ def checkpoint_problem(state: dict, folder: str, model, optimizer, beam) -> Opti
         return f"{folder!r} does not hold a version-{VERSION} BeamLoRA Megatron checkpoint."
     if state["layout"] != parallel_layout():
         return (f"{folder!r} was saved in the parallel layout {state['layout']}, this run is {parallel_layout()}; "
-                "resume with the same tensor and data parallel sizes.")
+                "resume with the same tensor, pipeline and data parallel sizes.")
     trained = trained_parameters(model)
     now = ownership(trained, internals.inner_optimizers(optimizer))
     if state["optimizers"] != now["optimizers"] or state["owned"] != now["owned"]:
@@ -151,7 +158,7 @@ def checkpoint_problem(state: dict, folder: str, model, optimizer, beam) -> Opti
 
 @torch.no_grad()
 def restore_trained_tensors(model, optimizer, state: dict) -> None:
-    named = dict(unwrap_model(model).named_parameters())
+    named = named_parameters(model)
     for name, values in state["params"].items():
         named[name].copy_(values.to(named[name].device, named[name].dtype))
     inners = internals.inner_optimizers(optimizer)

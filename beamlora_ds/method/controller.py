@@ -18,7 +18,8 @@ from . import algorithm
 from .config import RESUME_FIELDS, BeamLoRAConfig
 from .layer import BeamLoRALinear
 from .score_table import score_parameters
-from .seam import Platform, PlatformAccess
+from .seam import Platform, PlatformAccess, RankStats
+from .stages import WholeModel, stack_stats
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class BeamController:
         self.config = config.validate()
         self.module_names: List[str] = list(modules)
         self.modules: List[BeamLoRALinear] = list(modules.values())
+        # what a reset plans over: this process's modules, or every pipeline stage's (known once step() is given
+        # the optimizer or engine whose platform knows the stages)
+        self.whole_model = WholeModel(list(self.module_names), list(range(len(self.modules))))
         self.global_step = 0
         self.history: List[dict] = []
         self._platform = platform
@@ -102,6 +106,7 @@ class BeamController:
             self._access = self._platform.access(self.modules, optimizer_or_engine)
             self._access_owner = id(optimizer_or_engine)
             self._stepped_ref = _weak(optimizer_or_engine)
+            self.whole_model = self._access.stages.whole_model(self.module_names)
             decayed = self._decayed_scores(self._access)
             if decayed:
                 _log(self._access, logging.WARNING, "BeamLoRA: the optimizer applies weight decay to %d lora_score "
@@ -144,7 +149,7 @@ class BeamController:
         cfg = self.config
         bytes_before = access.all_reduce_bytes
         keep = algorithm.keep_fraction(step, cfg.p0, cfg.resolved_t_end)
-        stats = access.rank_stats(with_norms=cfg.importance == "norm")
+        stats = self._whole_model_stats(access)
         logits, importance = stats.logits, self._importance(stats)
         skipped = None
         if self._nonfinite_loss_step is not None:
@@ -166,7 +171,9 @@ class BeamController:
                                "(different scores or plans on different ranks); refusing to apply it.")
         new_logits = {p.module_index: algorithm.average_scores(logits[p.module_index], p.targets, p.sources)
                       for p in plans}
-        access.apply_reset(plans, new_logits, self._snapshot, inherit_moments=cfg.optimizer_state == "inherit")
+        whole = self.whole_model  # plans and logits are the whole model's; this process applies its modules' part
+        access.apply_reset(whole.local_plans(plans), whole.local_rows(new_logits), self._snapshot,
+                           inherit_moments=cfg.optimizer_state == "inherit")
         kill_point("reset", step)
         access.zero_score_moments()
         self._snapshot, self._snapshot_step = None, None  # free host memory until the next snapshot
@@ -174,17 +181,26 @@ class BeamController:
         record["all_reduce_bytes"] = access.all_reduce_bytes - bytes_before
         self.history.append(record)
         _log(access, logging.INFO, "BeamLoRA reset at step %d: keep-fraction %.4f, %d ranks pruned in %d of %d "
-             "modules", step, keep, len(record["pruned"]), len(plans), len(self.modules))
+             "modules", step, keep, len(record["pruned"]), len(plans), len(self.whole_model.names))
         return record
+
+    def _whole_model_stats(self, access: PlatformAccess) -> RankStats:
+        """This process's rank stats, and under pipeline parallelism every stage's, as rows of the whole model."""
+        with_norms = self.config.importance == "norm"
+        stats = access.rank_stats(with_norms=with_norms)
+        if self.whole_model.is_local_only:
+            return stats
+        rows = access.stages.gather(stack_stats(stats.logits, stats.a_row_sq, stats.b_col_sq), self.whole_model)
+        return RankStats(rows[0], rows[1], rows[2]) if with_norms else RankStats(rows[0])
 
     def _record(self, step, keep, plans, importance, new_logits, access) -> dict:
         if self.config.importance == "norm":  # A and B changed: read them again
-            importance_after = self._importance(access.rank_stats(with_norms=True))
+            importance_after = self._importance(self._whole_model_stats(access))
         else:  # the new logits are known here: no second read
             importance_after = importance.clone()
             for m, row in new_logits.items():
                 importance_after[m] = algorithm.score_importance(row[None], self.config.tau)[0]
-        names = self.module_names
+        names = self.whole_model.names
         return {
             "step": step,
             "keep_fraction": keep,

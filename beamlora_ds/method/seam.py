@@ -19,6 +19,7 @@ import torch
 
 from .algorithm import ModuleReset
 from .layer import BeamLoRALinear
+from .stages import Stages
 
 
 @dataclass
@@ -38,6 +39,9 @@ class PlatformAccess:
     all_reduce_bytes: int = 0  # bytes this process has all-reduced so far (0 where there is no communication)
     # how to build this platform's optimizer without weight decay on the scores (the warning's fix)
     no_score_decay_fix: str = "Build it from beamlora_ds.optimizer_param_groups(model, weight_decay)."
+    # the pipeline stages a reset spans (method/stages.py): rank_stats and apply_reset are about this process's
+    # modules; the controller gathers every stage's stats through `stages` and plans for the whole model
+    stages: Stages = Stages()
 
     def rank_stats(self, with_norms: bool) -> RankStats:
         """Score logits (and, if asked, per-rank sums of squares) of every module, identical on every process."""

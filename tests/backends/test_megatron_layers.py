@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from beamlora_ds.backends.megatron.layers import check_megatron_targets, is_megatron_model, layer_seed, parallel_kind
+from beamlora_ds.backends.megatron.layers import (check_megatron_targets, is_megatron_model, layer_seed, parallel_kind,
+                                                  whole_model_name)
 from beamlora_ds.method.config import BeamLoRAConfig
 from beamlora_ds.method.layer import COLUMN, ROW
 
@@ -63,12 +64,11 @@ def test_megatron_layers_are_recognised_by_their_attributes():
     assert parallel_kind(Column(4, 8)) == COLUMN and parallel_kind(Row(4, 8)) == ROW
     assert parallel_kind(nn.Linear(4, 8)) is None
     assert is_megatron_model(gpt()) and not is_megatron_model(nn.Sequential(nn.Linear(2, 2)))
-    assert [(name, kind) for name, _, kind in check_megatron_targets(gpt(), config())] == [
+    assert [(name, kind) for name, _, _, kind in check_megatron_targets(gpt(), config())] == [
         ("attn.linear_qkv", COLUMN), ("attn.linear_proj", ROW)]
 
 
 @pytest.mark.parametrize("model, says", [
-    (gpt(pipeline_model_parallel_size=2), "Pipeline parallelism is not supported yet"),
     (gpt(context_parallel_size=2), "Context parallelism is not supported"),
     (gpt(qkv=Column(16, 48, gather_output=True)), "gather_output=True"),
     (gpt(proj=Row(16, 16, input_is_parallel=False)), "input_is_parallel=False"),
@@ -96,3 +96,27 @@ def test_the_seed_of_a_layers_A_ignores_wrapper_prefixes_and_differs_between_lay
              ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")]
     assert len({layer_seed(3, n) for n in names}) == len(names)  # Llama-3.1-405B's 126 layers: no two alike
     assert layer_seed(3, name) != layer_seed(4, name)
+
+
+def stage_of_a_pipeline(first_layer: int):
+    """A stage holding two layers numbered from 0 in the stage, as Megatron builds them; each TransformerLayer knows
+    its whole-model number (`layer_number`, from 1)."""
+    model = nn.Module()
+    model.config = types.SimpleNamespace(pipeline_model_parallel_size=2)
+    model.decoder = nn.Module()
+    model.decoder.layers = nn.ModuleList()
+    for i in range(2):
+        layer = nn.Module()
+        layer.layer_number = first_layer + i + 1
+        layer.linear_qkv = Column(16, 48)
+        model.decoder.layers.append(layer)
+    return model
+
+
+def test_a_pipeline_stage_names_match_and_seed_its_layers_by_the_whole_models_layer_numbers():
+    second = stage_of_a_pipeline(first_layer=2)
+    assert whole_model_name(second, "decoder.layers.1.linear_qkv") == "decoder.layers.3.linear_qkv"
+    assert whole_model_name(second, "decoder.layers.1") == "decoder.layers.3"
+    targets = check_megatron_targets(second, config(target_modules=r"decoder\.layers\.3\..*"))
+    assert [(local, whole) for local, whole, _, _ in targets] == [("decoder.layers.1.linear_qkv",
+                                                                   "decoder.layers.3.linear_qkv")]

@@ -13,13 +13,14 @@ WORKER = os.path.join(HERE, "parallel_worker.py")
 HAS_MEGATRON = (importlib.util.find_spec("megatron") is not None
                 and importlib.util.find_spec("megatron.core") is not None)
 
-# What each launch runs: layout/importance pairs (layout: tp<T>[sp][-plain], the rest of the world data parallel),
-# the layouts also stopped and resumed, the export check's layout, the Megatron-vs-HF sequence-parallel settings.
+# What each launch runs: layout/importance pairs (layout: tp<T>[pp<P>][vp<V>][L<layers>][sp][-plain], the rest of the
+# world data parallel; parallel_worker.parse_layout), the layouts also stopped and resumed, the export check's
+# layout, the Megatron-vs-HF sequence-parallel settings.
 LAUNCHES = {
-    1: {"runs": "tp1/score,tp1/norm", "resume": "tp1", "export": "tp1", "hf_checks": "off"},
-    2: {"runs": "tp2sp/score,tp2/norm,tp1/score,tp1/norm,tp1-plain/norm,tp2-plain/score", "resume": "",
-        "export": "tp2sp", "hf_checks": "off,on"},
-    4: {"runs": "tp2sp/score", "resume": "tp2sp"},
+    1: {"runs": "tp1/score,tp1/norm,tp1L4/score", "resume": "tp1", "export": "tp1", "hf_checks": "off"},
+    2: {"runs": "tp2sp/score,tp2/norm,tp1/score,tp1/norm,tp1-plain/norm,tp2-plain/score,tp1pp2/norm,"
+                "tp1pp2vp2L4/score", "resume": "", "export": "tp2sp", "hf_checks": "off,on"},
+    4: {"runs": "tp2sp/score,tp2pp2sp/score,tp1pp2/score", "resume": "tp2sp,tp2pp2sp", "export": "tp2pp2sp"},
 }
 _results = {}
 

@@ -24,7 +24,8 @@ def train_and_export(out_dir: str, tp: int, sp: bool, steps: int = 5) -> dict:
     from beamlora_ds.loading.builtin import tiny_llama
 
     hf = tiny_llama(torch.float32)
-    gpt = build_gpt(hf.config, tensor_parallel=tp, sequence_parallel=sp)
+    gpt = build_gpt(hf.config, tensor_parallel=tp, sequence_parallel=sp, pre_process=ps.is_pipeline_first_stage(),
+                    post_process=ps.is_pipeline_last_stage(), batch_p2p_sync=False)
     load_hf_into_gpt(gpt, hf, hf.config, tp_size=tp, tp_rank=ps.get_tensor_model_parallel_rank())
     beam = beamlora_ds.apply(gpt, beamlora_ds.BeamLoRAConfig(
         r=4, alpha=8, dropout=0.0, target_modules=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
@@ -48,7 +49,7 @@ def train_and_export(out_dir: str, tp: int, sp: bool, steps: int = 5) -> dict:
         beam.step(optimizer)
     ids = torch.randint(0, hf.config.vocab_size, (2, SEQ), generator=generator)
     gpt.eval()
-    expected = megatron_logits(gpt, ids)
+    expected = pipelined_logits(model, ids) if ps.get_pipeline_model_parallel_world_size() > 1 else megatron_logits(gpt, ids)
     beamlora_ds.save_megatron_adapter(model, out_dir, hf.config, optimizer=optimizer,
                                       base_model_name_or_path="builtin-tiny")
     result = {"resets": len(beam.history), "pruned": sum(len(r["pruned"]) for r in beam.history),
@@ -64,7 +65,9 @@ def train_and_export(out_dir: str, tp: int, sp: bool, steps: int = 5) -> dict:
         result.update(max_abs_diff=(got - expected).abs().max().item(),
                       adapter_effect=(plain - expected).abs().max().item(),
                       files=sorted(os.listdir(out_dir)), peft_modules=len(peft_model.peft_config["default"]
-                                                                              .target_modules))
+                                                                              .target_modules),
+                      layers=sorted({int(n.split("layers.")[1].split(".")[0])
+                                     for n, _ in peft_model.named_modules() if n.endswith("lora_A")}))
     return result
 
 
@@ -74,3 +77,34 @@ def forward_step(data_iterator, model):
     mask = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)[None, None]
     output = model(input_ids=batch["tokens"], position_ids=positions, attention_mask=mask, labels=batch["labels"])
     return output, lambda per_token: (per_token.float().mean(), {"loss": per_token.float().mean().detach()})
+
+
+def pipelined_logits(model, ids):
+    """The logits of `ids` through every pipeline stage (Megatron's schedule, forward only), the tensor-parallel
+    vocabulary slices gathered on the last stage, then sent to process 0 (None elsewhere)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def logits_step(data_iterator, chunk):
+        batch = next(data_iterator)
+        positions = torch.arange(SEQ).unsqueeze(0).expand_as(batch)
+        mask = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)[None, None]
+        output = chunk(input_ids=batch, position_ids=positions, attention_mask=mask)
+        return output, lambda logits: (logits.float().sum() * 0, {"logits": logits.detach()})
+
+    with torch.no_grad():
+        out = get_forward_backward_func()(forward_step_func=logits_step, data_iterator=iter([ids]), model=[model],
+                                          num_microbatches=1, seq_length=SEQ, micro_batch_size=ids.shape[0],
+                                          forward_only=True)
+    holder = [None]
+    if ps.is_pipeline_last_stage():
+        local = out[0]["logits"]
+        group = ps.get_tensor_model_parallel_group()
+        slices = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(slices, local.contiguous(), group=group)
+        holder = [torch.cat(slices, dim=-1)]
+    speaker = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, dist.get_rank() if speaker else None)
+    dist.broadcast_object_list(holder, src=next(r for r in ranks if r is not None))
+    return holder[0] if dist.get_rank() == 0 else None

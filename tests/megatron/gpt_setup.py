@@ -10,34 +10,48 @@ import cpu_shims
 from beamlora_ds.backends.megatron.hf_llama import fuse_fc1_rows, split_fc1_rows
 
 VOCAB, SEQ, HIDDEN, HEADS, GROUPS, FFN, LAYERS = 128, 16, 64, 4, 2, 128, 2
-# every projection of layer 0, only fc1 of layer 1: the adapters' sizes are uneven, so the DistributedOptimizer's
-# shard boundary cuts through a parameter (with every projection of both layers it falls between the layers)
-TARGETS = r"decoder\.layers\.0\..*linear_\w+|decoder\.layers\.1\.mlp\.linear_fc1"
+# every projection of layer 0, only fc1 of the others: the adapters' sizes are uneven, so the DistributedOptimizer's
+# shard boundary cuts through a parameter (with every projection of both layers it falls between the layers), and
+# pipeline stages hold different numbers of modules
+TARGETS = r"decoder\.layers\.0\..*linear_\w+|decoder\.layers\.\d+\.mlp\.linear_fc1"
 
 
-def initialize(tp: int, sequence_parallel: bool = False):
-    """Megatron's process groups for tensor parallelism `tp` (data parallelism: the rest of the world)."""
+def initialize(tp: int, pp: int = 1, vp=None):
+    """Megatron's process groups for tensor parallelism `tp`, pipeline parallelism `pp` (`vp`: virtual pipeline
+    chunks per process), data parallelism the rest of the world."""
     from megatron.core import parallel_state
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=1)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             virtual_pipeline_model_parallel_size=vp)
     cpu_shims.init_rng()
 
 
-def build_gpt(tp: int, sequence_parallel: bool = False, dtype=torch.float32):
+def build_gpt(tp: int, sequence_parallel: bool = False, dtype=torch.float32, pp: int = 1, vp=None, layers=LAYERS):
+    """The GPT of this process: its pipeline stage's layers (with `vp`, the list of its model chunks)."""
+    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_config import TransformerConfig
     import torch.nn.functional as F
 
     config = TransformerConfig(
-        num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS,
+        num_layers=layers, hidden_size=HIDDEN, num_attention_heads=HEADS, num_query_groups=GROUPS,
         ffn_hidden_size=FFN, gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel, pipeline_dtype=dtype,
-        params_dtype=dtype, bf16=dtype == torch.bfloat16)
-    model = GPTModel(config=config, transformer_layer_spec=cpu_shims.local_spec_allowing_sequence_parallel(LAYERS),
-                     vocab_size=VOCAB, max_sequence_length=SEQ, share_embeddings_and_output_weights=False)
-    seed_weights(model, tp)
-    return model
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vp, batch_p2p_sync=False)
+    chunks = []
+    for stage in range(vp) if vp else [None]:
+        first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        spec = cpu_shims.local_spec_allowing_sequence_parallel(get_num_layers_to_build(config, vp_stage=stage))
+        model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+                         share_embeddings_and_output_weights=False, pre_process=first, post_process=last,
+                         vp_stage=stage)
+        seed_weights(model, tp)
+        chunks.append(model)
+    return chunks if vp else chunks[0]
 
 
 @torch.no_grad()
@@ -46,8 +60,11 @@ def seed_weights(model, tp: int) -> None:
     process's slice of a tensor-parallel one."""
     from megatron.core import parallel_state
 
+    from beamlora_ds.backends.megatron.layers import whole_model_name
+
     rank = parallel_state.get_tensor_model_parallel_rank()
-    for name, p in model.named_parameters():
+    for local_name, p in model.named_parameters():
+        name = whole_model_name(model, local_name)  # a pipeline stage's layers hold the whole model's weights
         shape = list(p.shape)
         split = getattr(p, "tensor_model_parallel", False)
         if split:

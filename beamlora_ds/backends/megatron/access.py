@@ -21,6 +21,7 @@ from ...method.score_table import score_parameters
 from .. import coordination
 from ..flat_runs import local_parts, scatter_local
 from ..fragment_access import Fragment, FragmentAccess
+from ..pipeline import stages_of
 from ..tensor_parallel import comm_device
 from ..torch_access import adapter_parameters
 from . import internals
@@ -74,6 +75,7 @@ class MegatronAccess(FragmentAccess):
             raise ValueError("The Megatron optimizer mixes distributed and plain optimizers; BeamLoRA needs one kind.")
         self.distributed = distributed.pop()
         self.group = internals.data_parallel_group(self.inner[0]) if self.distributed else None
+        self.stages = stages_of(pipeline_group())
         self._check_every_parameter_trained()
 
     def _holder(self, param):
@@ -148,3 +150,10 @@ def megatron_steps(optimizer, modules: Sequence[BeamLoRALinear]) -> Optional[int
              for m in modules for _, p in adapter_parameters(m) if internals.holds(inner, p)]
     steps = [s for s in steps if s is not None]
     return max(steps) if steps else None
+
+
+def pipeline_group():
+    """Megatron's pipeline group of this process (one process per stage), None without pipeline parallelism."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_group() if ps.get_pipeline_model_parallel_world_size() > 1 else None

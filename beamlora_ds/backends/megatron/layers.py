@@ -29,6 +29,7 @@ from ...method.config import BeamLoRAConfig
 from ...method.inject import matches_target
 from ...method.layer import COLUMN, ROW, BeamLoRALinear
 from ...method.score_table import attach_score_table
+from .. import coordination
 from ..tensor_parallel import TensorParallelSplit
 
 PARALLEL_LINEARS = "megatron-core's ColumnParallelLinear / RowParallelLinear"
@@ -99,18 +100,37 @@ def split_of(module: nn.Module, kind: str) -> MegatronSplit:
                          sequence_parallel=bool(getattr(module, "sequence_parallel", False)))
 
 
-def check_megatron_targets(model: nn.Module, config: BeamLoRAConfig) -> List[Tuple[str, nn.Module, str]]:
-    """(name, layer, kind) of every target; refuses pipeline and context parallelism, names that match nothing,
-    layers that are not Megatron parallel linears, a fused layer-norm linear, and layouts the adapter cannot
-    follow."""
+def whole_model_name(model: nn.Module, name: str) -> str:
+    """`name` with the whole model's layer number: under pipeline parallelism a stage (or a virtual pipeline chunk)
+    numbers its `decoder.layers` from 0, while each TransformerLayer knows its place in the whole model
+    (`layer_number`, from 1). Targets are matched, A is seeded and modules are named by this name, so every
+    pipeline layout has the one-process model's names and adapter."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            number = getattr(model.get_submodule(".".join(parts[: i + 1])), "layer_number", None)
+            if number is not None:
+                parts[i] = str(int(number) - 1)
+            break
+    return ".".join(parts)
+
+
+def check_megatron_targets(model: nn.Module, config: BeamLoRAConfig, allow_none: bool = False
+                           ) -> List[Tuple[str, str, nn.Module, str]]:
+    """(local name, whole-model name, layer, kind) of every target; refuses context parallelism, names that match
+    nothing (`allow_none`: a pipeline chunk may hold none), layers that are not Megatron parallel linears, a fused
+    layer-norm linear, and layouts the adapter cannot follow."""
     check_parallelism(getattr(model, "config", None))
-    matched = [(name, m) for name, m in model.named_modules() if name and matches_target(name, config.target_modules)]
+    matched = [(name, whole, m) for name, m in model.named_modules()
+               if name and matches_target(whole := whole_model_name(model, name), config.target_modules)]
+    if not matched and allow_none:
+        return []
     if not matched:
         names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if parallel_kind(m) is not None})
         raise ValueError(f"target_modules={config.target_modules!r} matched no module. Megatron layers BeamLoRA can "
                          f"wrap in this model are named: {names}.")
     found = []
-    for name, module in matched:
+    for local_name, name, module in matched:
         kind = parallel_kind(module)
         if is_transformer_engine(module):
             raise TypeError(f"{name} is Transformer Engine's {type(module).__name__}: not supported yet (its "
@@ -129,33 +149,79 @@ def check_megatron_targets(model: nn.Module, config: BeamLoRAConfig) -> List[Tup
         if config.r > min(module.input_size, module.output_size):
             raise ValueError(f"r={config.r} is larger than the smaller dimension of {name} "
                              f"({module.input_size}->{module.output_size}). Lower r.")
-        found.append((name, module, kind))
+        found.append((local_name, name, module, kind))
     return found
 
 
 def check_parallelism(config) -> None:
-    """Refuse what the Megatron backend does not support yet, before anything changes."""
-    if getattr(config, "pipeline_model_parallel_size", 1) > 1:
-        raise ValueError("Pipeline parallelism is not supported yet by BeamLoRA on Megatron: each stage would select "
-                         "the ranks to prune among its own layers only, not over the whole model. Use tensor, "
-                         "sequence and data parallelism (pipeline_model_parallel_size=1).")
+    """Refuse what the Megatron backend does not support, before anything changes."""
     if getattr(config, "context_parallel_size", 1) > 1:
         raise ValueError("Context parallelism is not supported by BeamLoRA on Megatron (untested: the adapter's "
                          "gradients over the context-parallel group). Use context_parallel_size=1.")
 
 
-def wrap_megatron_targets(model: nn.Module, config: BeamLoRAConfig) -> Dict[str, BeamLoRAParallelLinear]:
+def wrap_megatron_model(model, config: BeamLoRAConfig) -> Dict[str, BeamLoRAParallelLinear]:
+    """apply() on a Megatron GPT, or on the list of model chunks a virtual pipeline builds per process: every
+    chunk wrapped, one dict by whole-model name. Under pipeline parallelism the targets of every chunk are checked
+    first and a problem on any process is raised on all (collective), so that no stage is left waiting; every
+    stage must hold a target (each takes part in the whole model's reset)."""
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    pipeline = any(getattr(getattr(c, "config", None), "pipeline_model_parallel_size", 1) > 1 for c in chunks)
+    if pipeline or len(chunks) > 1:
+        problem, found = None, 0
+        try:
+            found = sum(len(check_megatron_targets(c, config, allow_none=True)) for c in chunks)
+        except (TypeError, ValueError) as error:
+            problem = f"{type(error).__name__}: {error}"
+        if problem is None and not found:
+            problem = (f"ValueError: target_modules={config.target_modules!r} matched no module of pipeline stage "
+                       f"{pipeline_rank()}: under pipeline parallelism every stage takes part in the whole model's "
+                       "reset and must hold BeamLoRA modules; target projections every layer has.")
+        problem = coordination.first_problem(problem) if pipeline else problem
+        if problem:
+            kind, _, message = problem.partition(": ")
+            raise (TypeError if kind == "TypeError" else ValueError)(message)
+    wrapped: Dict[str, BeamLoRAParallelLinear] = {}
+    for chunk in chunks:
+        wrapped.update(wrap_megatron_targets(chunk, config, allow_none=len(chunks) > 1))
+    return wrapped
+
+
+def megatron_beamlora_modules(model) -> Dict[str, BeamLoRAParallelLinear]:
+    """Every BeamLoRA module of a Megatron GPT (wrapped or not) or of this process's list of virtual pipeline
+    chunks, by whole-model name (whole_model_name), in module order."""
+    from ..wrappers import unwrap_model
+
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    found: Dict[str, BeamLoRAParallelLinear] = {}
+    for chunk in map(unwrap_model, chunks):
+        while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):  # Float16Module and the like
+            chunk = chunk.module
+        found.update({whole_model_name(chunk, name): m for name, m in chunk.named_modules()
+                      if isinstance(m, BeamLoRALinear)})
+    return found
+
+
+def pipeline_rank() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_rank()
+
+
+def wrap_megatron_targets(model: nn.Module, config: BeamLoRAConfig, allow_none: bool = False
+                          ) -> Dict[str, BeamLoRAParallelLinear]:
     """Replace every target Megatron parallel linear in `model` (in place) by a BeamLoRAParallelLinear, freeze the
-    rest, and put the scores in one table. A is initialised from a generator seeded by the config's seed and the
-    layer's name, so every tensor-parallel, data-parallel and pipeline layout starts from the same adapter."""
-    targets = check_megatron_targets(model, config)
-    if config.dropout and any(m.tp_group.size() > 1 for _, m, _ in targets):
+    rest, and put the scores in one table; keyed by whole-model name (whole_model_name). A is initialised from a
+    generator seeded by the config's seed and that name, so every tensor-parallel, data-parallel and pipeline
+    layout starts from the same adapter. `allow_none`: a virtual pipeline chunk may hold no target."""
+    targets = check_megatron_targets(model, config, allow_none)
+    if config.dropout and any(m.tp_group.size() > 1 for _, _, m, _ in targets):
         raise ValueError("LoRA dropout under tensor parallelism is not supported (the processes of a group would "
                          "draw different masks for the same input). Set dropout to 0.")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped: Dict[str, BeamLoRAParallelLinear] = {}
-    for name, module, kind in targets:
+    for local_name, name, module, kind in targets:
         layer = BeamLoRAParallelLinear(module, r=config.r, alpha=config.alpha, dropout=config.dropout, tau=config.tau,
                                        features=(module.input_size, module.output_size))
         generator = torch.Generator().manual_seed(layer_seed(config.seed, name))
@@ -170,9 +236,11 @@ def wrap_megatron_targets(model: nn.Module, config: BeamLoRAConfig) -> Dict[str,
             if split.sequence_parallel:  # the replicated factor's gradient is a partial sum (module docstring)
                 replicated = layer.lora_A if kind == COLUMN else layer.lora_B
                 replicated.sequence_parallel = True
-        parent_name, _, child = name.rpartition(".")
+        parent_name, _, child = local_name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         wrapped[name] = layer
+    if not wrapped:
+        return wrapped
     table = attach_score_table(model, wrapped)
     if any(m.tensor_parallel is not None and m.tensor_parallel.sequence_parallel for m in wrapped.values()):
         table.lora_score.sequence_parallel = True
@@ -198,10 +266,14 @@ def parallel_layout() -> Dict[str, int]:
     """This process's place in Megatron's process groups (what a checkpoint must be resumed in)."""
     from megatron.core import parallel_state as ps
 
-    return {"world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+    layout = {"world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
             "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
             "tensor_parallel_rank": ps.get_tensor_model_parallel_rank(),
             "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
             "pipeline_parallel_rank": ps.get_pipeline_model_parallel_rank(),
             "data_parallel": ps.get_data_parallel_world_size(),
             "data_parallel_rank": ps.get_data_parallel_rank()}
+    virtual = ps.get_virtual_pipeline_model_parallel_world_size()
+    if virtual:  # only then: checkpoints without a virtual pipeline keep the layout they were written with
+        layout["virtual_pipeline"] = virtual
+    return layout
