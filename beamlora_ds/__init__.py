@@ -6,7 +6,7 @@ say how it is built (docs/architecture.md).
 """
 from .adapt import apply
 from .backends.deepspeed.autotp import prepare_tensor_parallel
-from .backends.deepspeed.supported_setups import UnsupportedSetupError
+from .backends.deepspeed.supported_setups import UnsupportedSetupError, check_deepspeed_setup
 from .backends.deepspeed.zero_params import persistence_threshold_for
 from .backends.megatron.hf_llama import gpt_from_hf as megatron_gpt_from_hf
 from .backends.megatron.optimizer_setup import megatron_optimizer_overrides
@@ -34,7 +34,8 @@ _TRAINER_NAMES = ("attach", "BeamLoRATrainerMixin", "BeamLoRACallback")
 
 __all__ = ["BeamController", "BeamLoRAConfig", "BeamLoRALinear", "BeamLoRATrainerMixin", "BeamLoRACallback",
            "CheckpointDamagedError", "CheckpointWriteError", "ConfigError", "QuantizationError",
-           "RECOMMENDED_TARGETS", "UnsupportedSetupError", "apply", "attach", "check_4bit_request", "check_targets",
+           "RECOMMENDED_TARGETS", "UnsupportedSetupError", "apply", "attach", "check_4bit_request", "check_deepspeed_setup",
+           "check_targets",
            "current_records", "export_checkpoint", "find_beamlora_modules", "is_wrappable", "load_4bit_model",
            "load_checkpoint", "load_megatron_checkpoint", "log_reset", "megatron_gpt_from_hf",
            "megatron_optimizer_overrides", "merge_adapter", "optimizer_param_groups", "persistence_threshold_for",

@@ -17,6 +17,7 @@ from .method.inject import wrap_targets
 from .backends import BACKENDS
 from .backends.torch_access import optimizers_holding
 from .backends.deepspeed.internals import taken_by_zero_optimizer
+from .backends.deepspeed.pipeline_module import is_pipeline_module, wrap_pipeline_stage
 from .backends.megatron.layers import is_megatron_model, wrap_megatron_model
 from .backends.wrappers import is_deepspeed_engine, is_megatron_wrapper
 
@@ -31,7 +32,7 @@ def apply(model: nn.Module, config: BeamLoRAConfig) -> BeamController:
     (modules x r) table, `model.beamlora_scores.lora_score` (docs/fused_score_design.md). Fails before changing
     anything when nothing matches, a match is not a linear layer, or r does not fit a layer. On a megatron-core
     model the targets are its parallel linear layers (docs/megatron.md); under a virtual pipeline, pass the list
-    of this process's model chunks (docs/pipeline.md).
+    of this process's model chunks; on a DeepSpeed PipelineModule, this process's stage (docs/pipeline.md).
     """
     config.validate()
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -42,7 +43,8 @@ def apply(model: nn.Module, config: BeamLoRAConfig) -> BeamController:
             raise TypeError("apply() takes a list of models only for megatron-core's virtual pipeline (the model "
                             "chunks of this process); pass a single model otherwise.")
         return BeamController(wrap_megatron_model(chunks, config), config, BACKENDS)
-    wrap = wrap_megatron_model if is_megatron_model(model) else wrap_targets
+    wrap = (wrap_megatron_model if is_megatron_model(model) else wrap_pipeline_stage if is_pipeline_module(model)
+            else wrap_targets)
     return BeamController(wrap(model, config), config, BACKENDS)
 
 

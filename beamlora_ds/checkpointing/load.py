@@ -11,6 +11,7 @@ import torch
 
 from ..method.controller import BeamController
 from ..backends import coordination
+from ..backends.deepspeed.pipeline_module import is_pipeline_module
 from ..backends.wrappers import unwrap_model
 from . import manifest, reshard
 from .base_identity import base_identity, identity_problem
@@ -61,14 +62,17 @@ def load_checkpoint(engine, beam: BeamController, load_dir: str, tag: Optional[s
 
 @contextlib.contextmanager
 def adapter_only_loads(engine_or_model):
-    """While inside, a strict load_state_dict of the model accepts a state without the frozen base (what
-    save_checkpoint writes): see allow_adapter_only_state."""
+    """While inside, a strict load_state_dict of the model (of each layer of a PipelineModule) accepts a state
+    without the frozen base (what save_checkpoint writes): see allow_adapter_only_state."""
     model = unwrap_model(engine_or_model)
-    handle = model.register_load_state_dict_post_hook(allow_adapter_only_state)
+    # a PipelineModule loads each of its layers from its own file (layer.load_state_dict): the hook on each layer
+    loaded = list(model.children()) if is_pipeline_module(model) else [model]
+    handles = [m.register_load_state_dict_post_hook(allow_adapter_only_state) for m in loaded]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def allow_adapter_only_state(model, incompatible_keys) -> None:

@@ -7,12 +7,13 @@ the file format is in adapter_format.py).
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..backends import coordination
+from ..backends.deepspeed.internals import pipeline_parallel_group
 from ..backends.deepspeed.zero_params import full_fp32_param
 from ..backends.tensor_parallel import gather_split
 from ..backends.wrappers import unwrap_model
@@ -21,6 +22,7 @@ from ..method.controller import controller_of
 from ..method.inject import find_beamlora_modules
 from .adapter_format import (TENSOR_KEYS, AdapterState, base_model_name_of, shared_settings, target_modules_for,
                              task_type_of, write_adapter)
+from .every_stage import every_stage, every_stage_targets, renamed
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +31,14 @@ NO_MODULES = ("This model has no BeamLoRA modules, so there is no adapter to exp
 
 
 def save_adapter(model_or_engine, out_dir: str, base_model_name_or_path: Optional[str] = None,
-                 overwrite: bool = False) -> str:
+                 overwrite: bool = False, rename: Optional[Callable[[str], str]] = None) -> str:
     """Write a stock peft LoRA adapter (score folded into A) plus our unfolded state into `out_dir`.
 
-    Works on a plain model and on a DeepSpeed engine under any ZeRO stage. In a multi-process job (DeepSpeed, or
-    torch.distributed alone) call it on EVERY process (the gathers are collective); rank 0 alone writes, and every
-    process returns only after the files are in place or raises when rank 0 could not write them. Returns
-    `out_dir`.
+    Works on a plain model and on a DeepSpeed engine under any ZeRO stage, and on a PipelineEngine (every stage's
+    modules in one adapter). In a multi-process job (DeepSpeed, or torch.distributed alone) call it on EVERY process
+    (the gathers are collective); rank 0 alone writes, and every process returns only after the files are in place
+    or raises when rank 0 could not write them. `rename`: each module's name in the model the adapter is for (a
+    PipelineModule's `3.layer.self_attn.q_proj` -> `model.layers.2.self_attn.q_proj`). Returns `out_dir`.
     """
     model = unwrap_model(model_or_engine)
     modules = find_beamlora_modules(model)
@@ -48,10 +51,13 @@ def save_adapter(model_or_engine, out_dir: str, base_model_name_or_path: Optiona
         raise FileExistsError(problem or f"Process 0 refused to write {out_dir!r} (see its error); nothing was "
                               "written.")
     state = adapter_state_from_model(model)
+    targets, task_type, base = adapter_metadata(model, state)
+    group = pipeline_parallel_group(model_or_engine)
+    targets = every_stage_targets(targets, state.module_names, group)
+    state, targets = renamed(every_stage(state, group), targets, rename)
     error = None
     if writer:
         try:
-            targets, task_type, base = adapter_metadata(model, state)
             write_adapter(state, out_dir, targets, task_type, base_model_name_or_path or base, overwrite)
             logger.info("Wrote a peft LoRA adapter (%d modules, r=%d, score folded into A) to %s",
                         len(state.module_names), state.r, out_dir)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 
 from ..backends import coordination
 from ..backends.megatron.access import MegatronAccess, pipeline_group
@@ -21,8 +20,8 @@ from ..backends.megatron.hf_llama import HF_NAMES, hf_module_names, split_fc1_ro
 from ..backends.tensor_parallel import gather_split
 from ..backends.megatron.layers import megatron_beamlora_modules
 from ..checkpointing.atomic import out_dir_problem
-from ..method.stages import layer_number
 from .adapter_format import AdapterState, shared_settings, write_adapter
+from .every_stage import every_stage
 
 
 def save_megatron_adapter(model, out_dir: str, hf_config, optimizer=None, base_model_name_or_path: Optional[str] = None,
@@ -38,7 +37,7 @@ def save_megatron_adapter(model, out_dir: str, hf_config, optimizer=None, base_m
     problem = coordination.first_problem(out_dir_problem(out_dir, overwrite) if writer else None)
     if problem:
         raise FileExistsError(problem)
-    state = every_stage(megatron_adapter_state(modules, hf_config, optimizer))
+    state = every_stage(megatron_adapter_state(modules, hf_config, optimizer), pipeline_group())
     error = None
     if writer:
         try:
@@ -51,24 +50,6 @@ def save_megatron_adapter(model, out_dir: str, hf_config, optimizer=None, base_m
     if error:
         raise RuntimeError(f"Process 0 could not write the adapter to {out_dir!r}: {error}")
     return out_dir
-
-
-def every_stage(state: AdapterState) -> AdapterState:
-    """Under pipeline parallelism, every stage's modules in one state, in the whole model's layer order (one object
-    all-gather over the pipeline group; adapters are small); the state itself without."""
-    group = pipeline_group()
-    if group is None:
-        return state
-    stage_tensors = [None] * dist.get_world_size(group)
-    dist.all_gather_object(stage_tensors, (state.lora_A, state.lora_B, state.lora_score), group=group)
-    names = [n for *_, n in sorted((layer_number(n), stage, i, n) for stage, (a, _, _) in enumerate(stage_tensors)
-                                   for i, n in enumerate(a))]
-    merged = AdapterState(state.r, state.alpha, state.tau, state.dropout, state.fan_in_fan_out)
-    for a, b, score in stage_tensors:
-        for name in a:
-            merged.lora_A[name], merged.lora_B[name], merged.lora_score[name] = a[name], b[name], score[name]
-    merged.lora_A = {n: merged.lora_A[n] for n in names}
-    return merged
 
 
 def megatron_adapter_state(modules: Dict[str, torch.nn.Module], hf_config, optimizer=None) -> AdapterState:

@@ -22,12 +22,15 @@ def matches_target(name: str, target_modules) -> bool:
     return any(name == key or name.endswith("." + key) for key in target_modules)
 
 
-def wrap_targets(model: nn.Module, config: BeamLoRAConfig) -> Dict[str, BeamLoRALinear]:
+def wrap_targets(model: nn.Module, config: BeamLoRAConfig, table_per_child: bool = False
+                 ) -> Dict[str, BeamLoRALinear]:
     """Replace every matching linear layer in `model` (in place) by a BeamLoRALinear; return them by name.
 
     Only `lora_A`, `lora_B` and the scores stay trainable; the scores of all wrapped layers live in one
-    (modules x r) table, `model.beamlora_scores.lora_score` (docs/fused_score_design.md). Fails before changing
-    anything when nothing matches, a match is not a linear layer, or r does not fit a layer.
+    (modules x r) table, `model.beamlora_scores.lora_score` (docs/fused_score_design.md), or with
+    `table_per_child` one table in each child of `model` that holds wrapped layers (a DeepSpeed PipelineModule
+    saves each child, one layer of the pipeline, in its own file). Fails before changing anything when nothing
+    matches, a match is not a linear layer, or r does not fit a layer.
     """
     if find_beamlora_modules(model):
         raise ValueError("This model already has BeamLoRA modules; apply() once per model.")
@@ -41,7 +44,13 @@ def wrap_targets(model: nn.Module, config: BeamLoRAConfig) -> Dict[str, BeamLoRA
         layer = BeamLoRALinear(module, r=config.r, alpha=config.alpha, dropout=config.dropout, tau=config.tau)
         setattr(parent, child, layer)
         wrapped[name] = layer
-    attach_score_table(model, wrapped)
+    if not table_per_child:
+        attach_score_table(model, wrapped)
+        return wrapped
+    for child_name, child in model.named_children():
+        mine = {name: m for name, m in wrapped.items() if name.startswith(child_name + ".")}
+        if mine:
+            attach_score_table(child, mine)
     return wrapped
 
 

@@ -8,7 +8,9 @@ With score = 0 every w_i = 1 and the layer is exactly vanilla LoRA (docs/method.
 from __future__ import annotations
 
 import math
+import re
 import sys
+import zlib
 from typing import Optional, Tuple
 
 import torch
@@ -135,6 +137,15 @@ class BeamLoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
         nn.init.zeros_(self.lora_score)
 
+    @torch.no_grad()
+    def seed_lora_A(self, seed: int, name: str) -> None:
+        """A drawn as in reset_adapter_parameters, from a generator seeded by the run's seed and the layer's name: the
+        same A in every parallel layout (a pipeline stage does not draw the layers of the stages before it)."""
+        generator = torch.Generator().manual_seed(layer_seed(seed, name))
+        a = torch.empty(self.lora_A.shape, dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_A.copy_(a)
+
     @property
     def lora_score(self) -> torch.Tensor:
         """This layer's r score logits: its own parameter, or (after apply()) a view of its row of the table."""
@@ -229,3 +240,10 @@ class BeamLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha}, tau={self.tau}")
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A seed for one layer's A from the run's seed and the layer's name without wrappers' `module.` prefixes (the
+    same layer gets the same A in every tensor-, data- and pipeline-parallel layout)."""
+    plain = re.sub(r"^(module\.)+", "", name)
+    return zlib.crc32(f"{int(seed)}:{plain}".encode())

@@ -1,7 +1,7 @@
 """What launch/train_megatron.py is made of: its checks (before any process connects or weight loads), the
-Megatron GPT converted from a Hugging Face Llama-family model, BeamLoRA applied, Megatron's DDP, optimizer and
-scheduler, the data of fixed-length sequences, and one training step through `get_forward_backward_func`
-(docs/megatron.md). Not part of the API."""
+Megatron GPT of this pipeline stage converted from a Hugging Face Llama-family model, BeamLoRA applied, Megatron's
+DDP, optimizer and scheduler, the data of fixed-length sequences, and one training step through
+`get_forward_backward_func` (docs/megatron.md). Not part of the API."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,6 +12,7 @@ import torch
 
 from ..backends.megatron.hf_llama import check_convertible, gpt_from_hf, query_groups
 from ..backends.megatron.optimizer_setup import megatron_optimizer_overrides
+from ..backends.tensor_parallel import comm_device
 from ..loading.models import load_model, load_tokenizer, model_path
 from ..method.config import BeamLoRAConfig
 from . import data as data_lib
@@ -28,9 +29,12 @@ def check_megatron_installed() -> None:
 def check_layout(args, world: int, hf_config) -> int:
     """The data-parallel size, after refusing every layout Megatron or the converter cannot run (one line, with the
     flag to change)."""
-    tp = args.tensor_parallel
+    tp, pp = args.tensor_parallel, args.pipeline_parallel
     if tp < 1 or world % tp:
         raise UsageError(f"--tensor_parallel={tp} does not divide the {world} processes.")
+    if pp < 1 or world % (tp * pp):
+        raise UsageError(f"--pipeline_parallel={pp} with --tensor_parallel={tp} does not divide the {world} processes "
+                         "(tensor x pipeline parallel must).")
     if args.sequence_parallel and tp == 1:
         raise UsageError("--sequence_parallel needs --tensor_parallel of 2 or more (it splits the sequence over the "
                          "tensor-parallel group).")
@@ -44,12 +48,25 @@ def check_layout(args, world: int, hf_config) -> int:
     if uneven:
         raise UsageError(f"--tensor_parallel={tp} does not divide {', '.join(uneven)} of "
                          f"{args.model_name_or_path}; choose a tensor-parallel size that does.")
+    check_stages(args, hf_config)
     if args.sequence_parallel and args.seq_length % tp:
         raise UsageError(f"--seq_length={args.seq_length} must be a multiple of --tensor_parallel={tp} under "
                          "sequence parallelism.")
     if args.r > min(hf_config.hidden_size, hf_config.intermediate_size):
         raise UsageError(f"--lora_r={args.r} is larger than the model's hidden size {hf_config.hidden_size}.")
-    return world // tp
+    return world // (tp * pp)
+
+
+def check_stages(args, hf_config) -> None:
+    """Every pipeline stage gets num_layers / pipeline_parallel layers, at least one, and so BeamLoRA targets (the
+    entry targets every projection of every layer)."""
+    pp, layers = args.pipeline_parallel, hf_config.num_hidden_layers
+    if pp > layers:
+        raise UsageError(f"--pipeline_parallel={pp} is more than the {layers} layers of {args.model_name_or_path}: a "
+                         "stage would hold no layer and no BeamLoRA target.")
+    if layers % pp:
+        raise UsageError(f"--pipeline_parallel={pp} does not divide the {layers} layers of "
+                         f"{args.model_name_or_path}; every stage holds the same number of layers.")
 
 
 def check_runs_here() -> None:
@@ -68,11 +85,15 @@ def beam_config(args) -> BeamLoRAConfig:
 
 
 def converted_gpt(args):
-    """The GPT of this tensor-parallel rank with the HF model's weights (every process reads the HF checkpoint)."""
+    """The GPT of this tensor-parallel rank and pipeline stage with the HF model's weights (every process reads the
+    HF checkpoint)."""
+    from megatron.core import parallel_state as ps
+
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     hf_model = load_model(model_path(args.model_name_or_path), torch.float32, {})
     gpt = gpt_from_hf(hf_model, sequence_parallel=args.sequence_parallel, params_dtype=dtype, pipeline_dtype=dtype,
-                      bf16=args.bf16)
+                      bf16=args.bf16, pre_process=ps.is_pipeline_first_stage(),
+                      post_process=ps.is_pipeline_last_stage())
     del hf_model
     if torch.cuda.is_available():
         gpt.cuda()
@@ -148,9 +169,19 @@ def forward_step(data_iterator, model):
     return per_token, loss_func
 
 
+def whole_model_modules(beam) -> int:
+    """The number of BeamLoRA modules of every pipeline stage (this process holds its stage's; collective)."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_pipeline_model_parallel_group()
+    count = torch.tensor([len(beam.modules)], device=comm_device(group))
+    torch.distributed.all_reduce(count, group=group)
+    return int(count.item())
+
+
 def train_step(model, optimizer, scheduler, beam, micro_batches, seq_length: int):
     """One optimizer step over the micro-batches, then BeamLoRA's step; (mean loss over the data-parallel
-    processes, reset record)."""
+    processes, reset record). The loss is the last pipeline stage's, which every stage receives."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -163,7 +194,11 @@ def train_step(model, optimizer, scheduler, beam, micro_batches, seq_length: int
     optimizer.step()
     scheduler.step(increment=1)
     record = beam.step(optimizer)
-    loss = torch.stack([d["loss"].float() for d in losses]).mean()
+    group = ps.get_pipeline_model_parallel_group()
+    loss = (torch.stack([d["loss"].float() for d in losses]).mean() if losses  # only the last stage has losses
+            else torch.zeros((), device=comm_device(group)))
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(loss, src=ps.get_pipeline_model_parallel_last_rank(), group=group)
     torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
     return loss.item() / ps.get_data_parallel_world_size(), record
 

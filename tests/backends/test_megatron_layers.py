@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from beamlora_ds.backends.megatron.layers import (check_megatron_targets, is_megatron_model, layer_seed, parallel_kind,
-                                                  whole_model_name)
+from beamlora_ds.backends.megatron.layers import check_megatron_targets, is_megatron_model, parallel_kind, whole_model_name
+from beamlora_ds.method.layer import layer_seed
 from beamlora_ds.method.config import BeamLoRAConfig
 from beamlora_ds.method.layer import COLUMN, ROW
 

@@ -75,6 +75,21 @@ def partition_sizes(layer) -> Tuple[int, ...]:
     return tuple(layer._partition_sizes)
 
 
+# -------------------------------------------------------------------------------------------- pipeline
+def pipeline_parallel_group(engine_or_module):
+    """The process group of one process per stage of a PipelineEngine (its topology grid, `engine.grid`) or of a
+    PipelineModule (`_grid`), or None for anything else or a one-stage pipeline."""
+    grid = getattr(engine_or_module, "grid", None) or getattr(engine_or_module, "_grid", None)
+    if grid is None or getattr(grid, "pipe_parallel_size", 1) <= 1:
+        return None
+    return grid.get_pipe_parallel_group()
+
+
+def pipeline_stage_of(module) -> Optional[int]:
+    """The stage a PipelineModule builds on this process (`stage_id`), None for any other module."""
+    return getattr(module, "stage_id", None) if hasattr(module, "_topo") else None
+
+
 # ----------------------------------------------------------------------------------------- checkpoints
 @contextlib.contextmanager
 def universal_checkpoint_loading(engine) -> Iterator[None]:

@@ -7,7 +7,7 @@ library setting). Why each rule exists is measured in docs/platform.md.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # launch/train.py's loop has no fp16 path (no --fp16 flag, no handling of DeepSpeed's loss scale): bf16 or fp32
@@ -27,15 +27,21 @@ class UnsupportedSetupError(ValueError):
 
 
 def check_zero_support(stage: int, precision: str, offload_param_device: Optional[str] = None, *,
-                       cli: bool = False, four_bit: bool = False) -> None:
+                       cli: bool = False, four_bit: bool = False, pipeline_stages: int = 1) -> None:
     """Raise UnsupportedSetupError for a setup BeamLoRA cannot train under; return None otherwise.
 
     `precision`: "fp32", "bf16" or "fp16" (what the engine trains in); `offload_param_device`: ZeRO-3's
     offload_param.device ("cpu", "nvme", None). `cli`: the caller is launch/train.py (fp16 refused, fixes named as
-    its flags); `four_bit`: the base is 4-bit (the fix points at the QLoRA configs).
+    its flags); `four_bit`: the base is 4-bit (the fix points at the QLoRA configs); `pipeline_stages`: the stages
+    of a DeepSpeed PipelineModule (1: no pipeline).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: use one of {PRECISIONS}.")
+    if pipeline_stages > 1 and stage >= 2:
+        raise UnsupportedSetupError(
+            f"ZeRO stage {stage} with {pipeline_stages} pipeline stages: DeepSpeed's PipelineEngine refuses ZeRO-2 and "
+            "ZeRO-3 (\"ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism\": they partition the gradients "
+            "the pipeline schedule accumulates over micro-batches). Set zero_optimization.stage to 1 (or 0 in fp32).")
     if str(offload_param_device or "").lower() == "nvme":  # ZeRO-3 swaps those out of reach of any edit
         raise UnsupportedSetupError(
             "zero_optimization.offload_param.device is \"nvme\": BeamLoRA cannot edit parameters swapped out to "
@@ -61,3 +67,14 @@ def engine_setup(engine) -> Tuple[int, str, Optional[str]]:
 def check_engine_support(engine) -> None:
     """check_zero_support for a live DeepSpeed engine (the controller's first step)."""
     check_zero_support(*engine_setup(engine))
+
+
+def check_deepspeed_setup(ds_config: Union[str, dict], pipeline_stages: int = 1) -> None:
+    """Refuse, before any model is built, a DeepSpeed config (a dict or a JSON file) BeamLoRA cannot train under:
+    check_zero_support from its ZeRO stage, precision and parameter offload (`pipeline_stages`: the stages of the
+    PipelineModule it will train). Raises UnsupportedSetupError naming the fix."""
+    from .config import load_ds_config, offload_param_device, precision, zero_stage
+
+    config = load_ds_config(ds_config) if isinstance(ds_config, str) else ds_config
+    check_zero_support(zero_stage(config), precision(config), offload_param_device(config),
+                       pipeline_stages=pipeline_stages)

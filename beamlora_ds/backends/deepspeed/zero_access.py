@@ -16,7 +16,9 @@ from ...method.score_table import score_parameters
 from ...method.seam import PlatformAccess
 from .. import coordination
 from ..fragment_access import Fragment, FragmentAccess
+from ..pipeline import stages_of
 from ..torch_access import TorchAccess, adapter_parameters
+from . import internals
 from .internals import in_zero_optimizer, relink_stage12_moments
 from .supported_setups import check_engine_support
 from .zero_fragments import Stage3Fragment, Stage12Fragment
@@ -140,6 +142,6 @@ class Stage0Access(EngineSteps, TorchAccess):
 
 def access_for_engine(modules: Sequence[BeamLoRALinear], engine) -> PlatformAccess:
     """The seam for a DeepSpeed engine: partitioned under ZeRO 1-3, whole at stage 0."""
-    if engine.zero_optimization_stage() > 0:
-        return ZeroAccess(modules, engine)  # refuses an unsupported setup itself (NVMe parameter offload)
-    return Stage0Access(modules, engine)
+    access = ZeroAccess(modules, engine) if engine.zero_optimization_stage() > 0 else Stage0Access(modules, engine)
+    access.stages = stages_of(internals.pipeline_parallel_group(engine))  # a PipelineEngine: every stage's reset
+    return access

@@ -16,9 +16,6 @@ marked. A fused `linear_qkv` or `linear_fc1` is one adapter (one A, one B over t
 """
 from __future__ import annotations
 
-import math
-import re
-import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
@@ -224,11 +221,7 @@ def wrap_megatron_targets(model: nn.Module, config: BeamLoRAConfig, allow_none: 
     for local_name, name, module, kind in targets:
         layer = BeamLoRAParallelLinear(module, r=config.r, alpha=config.alpha, dropout=config.dropout, tau=config.tau,
                                        features=(module.input_size, module.output_size))
-        generator = torch.Generator().manual_seed(layer_seed(config.seed, name))
-        with torch.no_grad():
-            a = torch.empty(layer.lora_A.shape, dtype=torch.float32)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-            layer.lora_A.copy_(a)
+        layer.seed_lora_A(config.seed, name)
         split = split_of(module, kind)
         if split.world_size > 1:
             layer.split_for_tensor_parallel(split, module)
@@ -253,13 +246,6 @@ def mark_split_factor(param: nn.Parameter, split: MegatronSplit) -> None:
     from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 
     set_tensor_model_parallel_attributes(param, True, split.split_dim, 1)
-
-
-def layer_seed(seed: int, name: str) -> int:
-    """A seed for one layer's A from the run's seed and the layer's name without wrappers' `module.` prefixes (the
-    same layer gets the same A in every tensor- and data-parallel layout)."""
-    plain = re.sub(r"^(module\.)+", "", name)
-    return zlib.crc32(f"{int(seed)}:{plain}".encode())
 
 
 def parallel_layout() -> Dict[str, int]:
