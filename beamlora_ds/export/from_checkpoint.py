@@ -12,7 +12,7 @@ import glob
 import json
 import logging
 import os
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -22,7 +22,9 @@ from ..loading.models import meta_skeleton
 from ..method.controller import STATE_VERSION
 from ..method.layer import is_conv1d_layout
 from ..method.score_table import TABLE_ATTRIBUTE
+from ..method.stages import layer_number
 from .adapter_format import AdapterState, fan_in_fan_out_of, target_modules_from_config, write_adapter
+from .every_stage import renamed
 from .from_trainer import adapter_state_from_folder, trainer_adapter_folder
 from .merge import merge_state_into, save_merged
 
@@ -128,7 +130,10 @@ def adapter_state_from_checkpoint(checkpoint_dir: str, tag: Optional[str] = None
     ctrl = controller_state(tag_dir)
     config = ctrl["config"]
     layout = ctrl.get("tensor_parallel") or {}
-    if layout:  # one set of files per tensor-parallel slice: rebuild each, then put the split factors together
+    if glob.glob(os.path.join(tag_dir, "layer_*-model_states.pt")):  # a PipelineEngine's: one file per layer
+        weights, names, scores = pipeline_weights(tag_dir)
+        ctrl = dict(ctrl, module_names=names, scores=scores)
+    elif layout:  # one set of files per tensor-parallel slice: rebuild each, then put the split factors together
         weights = consolidate_slices(layout, [fp32_weights_of_slice(tag_dir, t) for t in range(_slices(layout))])
     else:
         weights = fp32_weights_from_checkpoint(tag_dir, checkpoint_dir, tag)
@@ -137,7 +142,7 @@ def adapter_state_from_checkpoint(checkpoint_dir: str, tag: Optional[str] = None
     missing = []
     table = _lookup(weights, f"{TABLE_ATTRIBUTE}.lora_score")  # every module's scores, one row each
     table = _materialise(table) if table is not None else None
-    if table is None or table.shape[0] != len(ctrl["module_names"]):
+    if (table is None or table.shape[0] != len(ctrl["module_names"])) and "scores" not in ctrl:
         missing.append(f"{TABLE_ATTRIBUTE}.lora_score")
     for index, name in enumerate(ctrl["module_names"]):
         for key in ("lora_A", "lora_B"):
@@ -146,13 +151,49 @@ def adapter_state_from_checkpoint(checkpoint_dir: str, tag: Optional[str] = None
                 missing.append(f"{name}.{key}")
                 continue
             getattr(state, key)[name] = _materialise(found).float().clone()
-        if table is not None and index < table.shape[0]:
+        if "scores" in ctrl:  # a pipeline checkpoint: a table per layer
+            if name not in ctrl["scores"]:
+                missing.append(f"{name}.lora_score")
+            else:
+                state.lora_score[name] = ctrl["scores"][name]
+        elif table is not None and index < table.shape[0]:
             state.lora_score[name] = table[index].float().clone()
     if missing:
         raise ValueError(f"The checkpoint's weights lack {len(missing)} adapter tensors (e.g. {missing[:3]}); were "
                          "adapter parameters frozen or renamed? Nothing was written.")
     _check_checkpoint_shapes(state)
     return state, config
+
+
+def pipeline_weights(tag_dir: str) -> Tuple[Dict[str, torch.Tensor], list, Dict[str, torch.Tensor]]:
+    """A PipelineEngine checkpoint's adapter (docs/pipeline.md): (weights by whole-model name, every stage's module
+    names in layer order, each module's score row). Each layer's file holds its modules and its score table (one
+    row per module, in that layer's module order, which every process's controller state lists); the values are
+    the working copy, the fp32 master when training in fp32 (DeepSpeed's zero_to_fp32 cannot read pipeline
+    checkpoints, whose model files hold no module)."""
+    weights, names = {}, []
+    for path in sorted(glob.glob(os.path.join(tag_dir, "layer_*-model_states.pt"))):
+        index = int(os.path.basename(path)[len("layer_"):].split("-")[0])
+        for key, value in torch.load(path, map_location="cpu", weights_only=False).items():
+            if "lora_" in key:
+                weights[f"{index}.{key}"] = value
+    for path in sorted(glob.glob(os.path.join(tag_dir, STATE_FILE.format(rank="*")))):
+        state = torch.load(path, map_location="cpu", weights_only=False).get("beamlora", {})
+        names += [n for n in state.get("module_names", []) if n not in names]
+    first_seen = {name: i for i, name in enumerate(names)}
+    names.sort(key=lambda n: (layer_number(n), first_seen[n]))
+    scores = {}
+    for name in names:
+        layer = name.split(".")[0]
+        mine = [n for n in names if n.split(".")[0] == layer]
+        table = weights.get(f"{layer}.{TABLE_ATTRIBUTE}.lora_score")
+        if table is not None and table.shape[0] == len(mine):
+            scores[name] = table[mine.index(name)].float().clone()
+    low = sorted({str(t.dtype) for t in weights.values() if t.dtype != torch.float32})
+    if low:
+        logger.warning("The pipeline checkpoint stores the adapter in %s; exporting that precision (save_adapter on "
+                       "the live engine exports the fp32 master).", low)
+    return weights, names, scores
 
 
 def _lookup(weights: dict, key: str):
@@ -179,8 +220,10 @@ def _check_checkpoint_shapes(state: AdapterState) -> None:
 
 
 def export_checkpoint(checkpoint_dir: str, out_dir: str, tag: Optional[str] = None, base_model: Optional[str] = None,
-                      merge: bool = False, overwrite: bool = False, task_type: Optional[str] = "CAUSAL_LM") -> str:
-    """What `beamlora-export` does: a peft adapter (or, with merge, a merged model) from a DeepSpeed checkpoint."""
+                      merge: bool = False, overwrite: bool = False, task_type: Optional[str] = "CAUSAL_LM",
+                      rename: Optional[Callable[[str], str]] = None) -> str:
+    """What `beamlora-export` does: a peft adapter (or, with merge, a merged model) from a DeepSpeed checkpoint
+    (a PipelineEngine's: every stage's modules; `rename` as in save_adapter)."""
     problem = out_dir_problem(out_dir, overwrite)
     if problem:
         raise FileExistsError(problem)
@@ -191,9 +234,10 @@ def export_checkpoint(checkpoint_dir: str, out_dir: str, tag: Optional[str] = No
         state, config = adapter_state_from_folder(trainer_folder)
     else:
         state, config = adapter_state_from_checkpoint(checkpoint_dir, tag)
+    targets = target_modules_from_config(config.get("target_modules", []), state.module_names)
+    state, targets = renamed(state, targets, rename)
     if merge:
         return _export_merged(state, base_model, out_dir, overwrite)
-    targets = target_modules_from_config(config.get("target_modules", []), state.module_names)
     if trainer_folder:
         base_model = base_model or config.get("base_model_name_or_path")
     else:

@@ -118,3 +118,19 @@ def test_convert_to_universal_files():
     assert read <= passed, f"ds_to_universal now reads {sorted(read - passed)}"
     assert parameters(ds_to_universal.main) == ["args"]
     assert isinstance(argparse.Namespace(**{k: None for k in passed}), argparse.Namespace)
+
+
+def test_pipeline_parallel_group_and_pipeline_stage_of():
+    """A PipelineModule keeps its topology grid in `_grid` (the PipelineEngine takes it as `grid`), whose
+    `pipe_parallel_size` and `get_pipe_parallel_group()` give one process per stage; the module knows its `stage_id`
+    and `_topo`; it registers each layer it builds under the layer's index in the whole list (`str(layer_idx)`), the
+    numbering BeamLoRA's whole-model order reads."""
+    from deepspeed.runtime.pipe import engine, module, topology
+
+    assert "self.grid = self.module._grid" in source_of(engine.PipelineEngine.__init__)
+    built = source_of(module.PipelineModule)
+    assert "self._grid = PipelineParallelGrid(" in built and "self.stage_id = " in built and "self._topo = " in built
+    assert "self.add_module(name, module)" in built and "name = str(layer_idx)" in built
+    assert "self.pipe_parallel_size = " in source_of(topology.PipelineParallelGrid.__init__)
+    assert parameters(topology.PipelineParallelGrid.get_pipe_parallel_group) == ["self"]
+    assert "layer.load_state_dict(checkpoint, strict=strict)" in source_of(module.PipelineModule.load_state_dir)

@@ -95,3 +95,24 @@ def test_engine_refusals_use_the_library_fix():
         check_engine_support(_Engine(3, offload=_Device.nvme))
     check_engine_support(_Engine(0))
     check_engine_support(_Engine(3, fp16=True, offload=_Device.cpu))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_2_and_3_are_refused_with_pipelines_before_anything_is_built(stage, tmp_path):
+    """DeepSpeed's PipelineEngine asserts against them inside deepspeed.initialize, after the model is built:
+    check_deepspeed_setup says it first, from the config (a dict or its JSON file)."""
+    import json
+
+    from beamlora_ds import check_deepspeed_setup
+
+    config = {"zero_optimization": {"stage": stage}}
+    with pytest.raises(UnsupportedSetupError, match=f"ZeRO stage {stage} with 2 pipeline stages: DeepSpeed's "
+                                                    "PipelineEngine refuses ZeRO-2 and ZeRO-3.*Set zero_optimization"
+                                                    r"\.stage to 1"):
+        check_deepspeed_setup(config, pipeline_stages=2)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(UnsupportedSetupError, match="pipeline stages"):
+        check_deepspeed_setup(str(path), pipeline_stages=2)
+    check_deepspeed_setup(config)  # without a pipeline: trains
+    check_deepspeed_setup({"zero_optimization": {"stage": 1}}, pipeline_stages=2)

@@ -2,8 +2,8 @@
 processes against the same script with 1 stage in 1 process (the one-process run of the same model): the same
 losses, the same pruned sets at every reset (one top-p over both stages' modules), the same adapter; resumed from
 its step-6 checkpoint (between a snapshot and its reset) it ends with the uninterrupted run's adapter; the adapter
-holds both stages' layers under the HF model's names and gives, in stock peft, the evaluation loss the pipeline
-computed."""
+(live, and offline from the last checkpoint) holds both stages' layers under the HF model's names and gives, in stock
+peft, the evaluation loss the pipeline computed."""
 import importlib.util
 import json
 import os
@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 
+import beamlora_ds
 from beamlora_ds import testing
 from test_integration_examples import adapter_tensors, as_stopped_after
 
@@ -54,6 +55,11 @@ def test_two_pipeline_stages_follow_one_and_resume_exactly(tmp_path):
     a, b = adapter_tensors(os.path.join(two, "adapter")), adapter_tensors(os.path.join(one, "adapter"))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
     assert {int(k.split("layers.")[1].split(".")[0]) for k in a} == {0, 1} and len(a) == 2 * 7 * 2
+
+    offline = str(tmp_path / "offline")  # the same adapter from the last checkpoint, no process group
+    beamlora_ds.export_checkpoint(os.path.join(two, "checkpoints"), offline, rename=example_module().hf_name)
+    exported = adapter_tensors(offline)
+    assert exported.keys() == a.keys() and all(torch.equal(exported[k], a[k]) for k in a)
 
     as_stopped_after(two, part, 6)
     run_example(part, 2, "--resume")

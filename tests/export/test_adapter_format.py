@@ -134,3 +134,28 @@ def test_fan_in_fan_out_goes_into_both_configs_and_another_layout_is_refused(tmp
         (out / "beamlora_state.json").write_text(json.dumps(other))
         with pytest.raises(ValueError, match="is not the layout this beamlora_ds reads.*adapter_model.safetensors"):
             load_state(str(out))
+
+
+def test_renaming_a_pipelines_modules_keeps_tensors_and_leaf_targets():
+    """save_adapter(..., rename=) / export_checkpoint(..., rename=): a PipelineModule's layer-list names become the
+    HF model's; the leaf target names stay when every leaf is kept, else the full new names; a clash is refused."""
+    import pytest
+    import torch
+
+    from beamlora_ds.export.adapter_format import AdapterState
+    from beamlora_ds.export.every_stage import every_stage, renamed
+
+    state = AdapterState(r=2, alpha=4, tau=0.05)
+    for i, name in enumerate(["1.layer.self_attn.q_proj", "2.layer.self_attn.q_proj"]):
+        state.lora_A[name], state.lora_B[name], state.lora_score[name] = (torch.full((2, 3), float(i)),
+                                                                          torch.zeros(3, 2), torch.zeros(2))
+    hf = lambda n: f"model.layers.{int(n.split('.')[0]) - 1}.{n.partition('.layer.')[2]}"  # noqa: E731
+    out, targets = renamed(state, ["q_proj"], hf)
+    assert out.module_names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert torch.equal(out.lora_A["model.layers.1.self_attn.q_proj"], state.lora_A["2.layer.self_attn.q_proj"])
+    assert targets == ["q_proj"]
+    _, targets = renamed(state, ["q_proj"], lambda n: n.replace("q_proj", "query"))
+    assert targets == ["1.layer.self_attn.query", "2.layer.self_attn.query"]
+    with pytest.raises(ValueError, match="same name"):
+        renamed(state, ["q_proj"], lambda n: "x")
+    assert every_stage(state, None) is state and renamed(state, ["q_proj"], None) == (state, ["q_proj"])
