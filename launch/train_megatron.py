@@ -1,5 +1,5 @@
-"""Fine-tune a Hugging Face Llama-family model with BeamLoRA on megatron-core: tensor and sequence parallelism,
-Megatron's DistributedOptimizer (or its plain one), data parallelism over the rest of the processes.
+"""Fine-tune a Hugging Face Llama-family model with BeamLoRA on megatron-core: tensor, sequence and pipeline
+parallelism, Megatron's DistributedOptimizer (or its plain one), data parallelism over the rest of the processes.
 
     torchrun --nproc_per_node 2 launch/train_megatron.py --tensor_parallel 2 --sequence_parallel \\
         --output_dir out/megatron                                  # the built-in default: builtin-tiny, arithmetic
@@ -7,9 +7,10 @@ Megatron's DistributedOptimizer (or its plain one), data parallelism over the re
         --model_name_or_path meta-llama/Llama-2-70b-hf --tensor_parallel 8 --sequence_parallel --bf16 \\
         --dataset my.jsonl --steps 2000 --interval 200 --output_dir out/70b
 
-The model is converted to a Megatron GPT on every process (backends/megatron/hf_llama.py); every projection gets
-a BeamLoRA adapter (fused qkv and gate/up: one each); resets run on schedule; checkpoints every --save_every steps
-resume exactly (--resume); the end writes a stock peft adapter for the HF model. docs/megatron.md.
+The model is converted to a Megatron GPT on every process, each holding its pipeline stage's layers
+(backends/megatron/hf_llama.py); every projection gets a BeamLoRA adapter (fused qkv and gate/up: one each); resets
+run on schedule over every stage's modules; checkpoints every --save_every steps resume exactly (--resume); the end
+writes a stock peft adapter for the HF model (every stage's layers). docs/megatron.md.
 """
 import argparse
 import logging
@@ -40,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--tensor_parallel", type=int, default=1)
     p.add_argument("--sequence_parallel", action="store_true")
+    p.add_argument("--pipeline_parallel", type=int, default=1, help="pipeline stages (each num_layers / N layers)")
     p.add_argument("--plain_optimizer", action="store_true", help="Megatron's plain optimizer, not the distributed one")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--steps", type=int, default=60)
@@ -97,7 +99,8 @@ def connect(args):
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.distributed.init_process_group(backend, timeout=timedelta(seconds=args.timeout_s))
-    ps.initialize_model_parallel(tensor_model_parallel_size=args.tensor_parallel)
+    ps.initialize_model_parallel(tensor_model_parallel_size=args.tensor_parallel,
+                                 pipeline_model_parallel_size=args.pipeline_parallel)
     model_parallel_cuda_manual_seed(args.seed)
     return ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
 
@@ -121,11 +124,12 @@ def train(args, examples) -> None:
         if folder is not None:
             extra = beamlora_ds.load_megatron_checkpoint(folder, model, optimizer, beam)
             scheduler.load_state_dict(extra["scheduler"])
+    modules = run.whole_model_modules(beam)
     if is_zero:
-        logger.info("BeamLoRA on megatron-core: %s, tensor parallel %d%s, data parallel %d, %s optimizer, %d "
-                    "modules, r=%d, steps %d (from %d)", args.model_name_or_path, args.tensor_parallel,
-                    " + sequence parallel" if args.sequence_parallel else "", dp,
-                    "plain" if args.plain_optimizer else "distributed", len(beam.modules), args.r, args.steps, start)
+        logger.info("BeamLoRA on megatron-core: %s, tensor parallel %d%s, pipeline parallel %d, data parallel %d, %s "
+                    "optimizer, %d modules, r=%d, steps %d (from %d)", args.model_name_or_path, args.tensor_parallel,
+                    " + sequence parallel" if args.sequence_parallel else "", args.pipeline_parallel, dp,
+                    "plain" if args.plain_optimizer else "distributed", modules, args.r, args.steps, start)
     batches = run.step_batches(examples, args, dp, dp_rank, start)
     began = time.time()
     for step in range(start, args.steps):

@@ -164,7 +164,7 @@ def forward_step(data_iterator, model):
 
     def loss_func(output):
         loss = (output.float() * mask).sum() / mask.sum().clamp(min=1)
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach().clone()}  # a copy: the schedule divides `loss` in place
 
     return per_token, loss_func
 

@@ -11,11 +11,14 @@ megatron.core builds anything; call `init_rng()` after `parallel_state.initializ
   their parameters are CUDA tensors);
 - E: `local_spec_allowing_sequence_parallel()`: the local layer spec falls back to torch norms, which refuse sequence
   parallelism (Apex or Transformer Engine provide the sequence-parallel norms on GPUs); this spec's torch norms
-  allow it, their weights marked `sequence_parallel` as Megatron's own norms are.
+  allow it, their weights marked `sequence_parallel` as Megatron's own norms are;
+- F: `torch.cuda.synchronize()` does nothing (the pipeline's batched p2p calls it after every exchange unless
+  TransformerConfig(batch_p2p_sync=False); launch/train_megatron.py keeps Megatron's default, right on GPUs).
 """
 import torch
 
 torch.cuda.current_device = lambda: torch.device("cpu")  # A
+torch.cuda.synchronize = lambda device=None: None  # F
 
 
 def _cpu_instead_of_cuda(factory):

@@ -1,5 +1,6 @@
-"""launch/train_megatron.py and examples/train_megatron.py as a user runs them (2 processes, tensor and sequence
-parallel; on this CPU through tests/megatron/with_cpu_shims.py), and the entry's refusals before anything loads."""
+"""launch/train_megatron.py and examples/train_megatron.py as a user runs them (2 processes: the entry in two
+pipeline stages, the example tensor and sequence parallel; on this CPU through tests/megatron/with_cpu_shims.py), and
+the entry's refusals before anything loads."""
 import json
 import os
 import re
@@ -29,12 +30,17 @@ def adapter_tensors(folder):
 @pytest.mark.slow
 @needs_megatron
 def test_the_entry_trains_resets_exports_and_resumes_exactly(tmp_path):
+    """Two pipeline stages (one layer each); tensor + sequence parallelism is the example's test below."""
+    from beamlora_ds.testing.launcher import RETRIED
+
     first, resumed = tmp_path / "first", tmp_path / "resumed"
-    common = ["--tensor_parallel", 2, "--sequence_parallel", "--steps", 12, "--interval", 4, "--save_every", 6,
+    common = ["--tensor_parallel", 1, "--pipeline_parallel", 2, "--steps", 12, "--interval", 4, "--save_every", 6,
               "--log_every", 1]
-    output = run_with_shims("launch/train_megatron.py", [*common, "--output_dir", first])
-    assert "tensor parallel 2 + sequence parallel, data parallel 1, distributed optimizer" in output
-    assert "reset:" in output
+    output = run_with_shims("launch/train_megatron.py", [*common, "--output_dir", first]).split(RETRIED)[-1]
+    assert "tensor parallel 1, pipeline parallel 2, data parallel 1, distributed optimizer, 8 modules" in output
+    assert output.count("reset:") == 2  # once per reset, from process 0 (which holds the first stage)
+    losses = [float(line.split("loss ")[1].split(",")[0]) for line in output.splitlines() if line.startswith("step ")]
+    assert len(losses) == 12 and min(losses) > 1.0  # the last stage's loss, reached to process 0
     records = [json.loads(line) for line in open(first / "log.jsonl")]
     assert [r["step"] for r in records] == [4, 8]
     config = json.load(open(first / "adapter" / "adapter_config.json"))
@@ -46,6 +52,7 @@ def test_the_entry_trains_resets_exports_and_resumes_exactly(tmp_path):
     output = run_with_shims("launch/train_megatron.py", [*common, "--output_dir", resumed, "--resume"])
     assert "steps 12 (from 6)" in output
     a, b = adapter_tensors(first / "adapter"), adapter_tensors(resumed / "adapter")
+    assert len(a) == 2 * 7 * 2 and {k.split(".layers.")[1].split(".")[0] for k in a} == {"0", "1"}  # both stages
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
@@ -73,21 +80,55 @@ def entry():
     return module
 
 
-@pytest.mark.parametrize("argv, world, says", [
-    (["--tensor_parallel", "3"], 2, "--tensor_parallel=3 does not divide the 2 processes"),
-    (["--sequence_parallel"], 2, "--sequence_parallel needs --tensor_parallel of 2 or more"),
-    (["--tensor_parallel", "4"], 4, "does not divide num_key_value_heads=2"),
-    (["--tensor_parallel", "2", "--sequence_parallel", "--seq_length", "49"], 2, "--seq_length=49 must be a multiple"),
-    (["--lora_r", "100"], 1, "--lora_r=100 is larger than the model's hidden size 64"),
+@pytest.mark.parametrize("argv, world, layers, says", [
+    (["--tensor_parallel", "3"], 2, 2, "--tensor_parallel=3 does not divide the 2 processes"),
+    (["--sequence_parallel"], 2, 2, "--sequence_parallel needs --tensor_parallel of 2 or more"),
+    (["--tensor_parallel", "4"], 4, 2, "does not divide num_key_value_heads=2"),
+    (["--tensor_parallel", "2", "--sequence_parallel", "--seq_length", "49"], 2, 2,
+     "--seq_length=49 must be a multiple"),
+    (["--lora_r", "100"], 1, 2, "--lora_r=100 is larger than the model's hidden size 64"),
+    (["--pipeline_parallel", "2"], 3, 2, "--pipeline_parallel=2 with --tensor_parallel=1 does not divide the 3 "
+     "processes"),
+    (["--tensor_parallel", "2", "--pipeline_parallel", "2"], 2, 2,
+     "--pipeline_parallel=2 with --tensor_parallel=2 does not divide the 2 processes"),
+    (["--pipeline_parallel", "0"], 2, 2, "--pipeline_parallel=0 with --tensor_parallel=1 does not divide"),
+    (["--pipeline_parallel", "2"], 2, 3, "--pipeline_parallel=2 does not divide the 3 layers of builtin-tiny"),
+    (["--pipeline_parallel", "4"], 4, 2, "--pipeline_parallel=4 is more than the 2 layers of builtin-tiny: a stage "
+     "would hold no layer and no BeamLoRA target"),
 ])
-def test_the_entry_refuses_layouts_megatron_cannot_run_before_loading(argv, world, says):
+def test_the_entry_refuses_layouts_megatron_cannot_run_before_loading(argv, world, layers, says):
     from beamlora_ds.loading.models import load_config
     from beamlora_ds.train import megatron_run
     from beamlora_ds.train.checks import UsageError
 
     args = entry().parse_args([*argv, "--output_dir", "unused"])
+    config = load_config("builtin-tiny")
+    config.num_hidden_layers = layers  # builtin-tiny has 2
     with pytest.raises(UsageError, match=re.escape(says)):
-        megatron_run.check_layout(args, world, load_config("builtin-tiny"))
+        megatron_run.check_layout(args, world, config)
+
+
+def test_the_reported_loss_survives_the_schedule_dividing_the_loss_in_place():
+    """Megatron's schedule divides the returned loss by the number of micro-batches in place: the reported one is a
+    copy (with a detached view, --accumulation 4 printed a quarter of the loss)."""
+    import torch
+
+    from beamlora_ds.train import megatron_run
+
+    class PerToken(torch.nn.Module):  # a per-token loss of 2 everywhere
+        def __init__(self):
+            super().__init__()
+            self.two = torch.nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, input_ids, position_ids, attention_mask, labels):
+            return self.two.expand(input_ids.shape)
+
+    batch = {"tokens": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long),
+             "loss_mask": torch.tensor([[0.0, 1.0, 1.0, 0.0]] * 2)}
+    output, loss_func = megatron_run.forward_step(iter([batch]), PerToken())
+    loss, reported = loss_func(output)
+    loss /= 4  # as schedules.forward_step_calc_loss does with 4 micro-batches
+    assert reported["loss"].item() == 2.0
 
 
 @needs_megatron
