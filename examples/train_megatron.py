@@ -62,7 +62,7 @@ def forward_step(data_iterator, model):
 
     def loss_func(output):
         loss = (output.float() * data["loss_mask"]).sum() / data["loss_mask"].sum()
-        return loss, {"loss": loss.detach()}
+        return loss, {"loss": loss.detach().clone()}  # a copy: the schedule divides `loss` in place
 
     return per_token, loss_func
 

@@ -107,6 +107,8 @@ def _load_on_new_world_size(engine, beam, load_dir: str, tag: str, saved_world: 
     world, stage = coordination.world_size(), engine.zero_optimization_stage()
     why_not = ("its files are per tensor-parallel slice and DeepSpeed's universal checkpoint does not re-cut AutoTP"
                if beam.tensor_parallel_layout else
+               "its files are per pipeline stage (a PipelineEngine's), and BeamLoRA re-cuts no pipeline"
+               if is_pipeline_module(unwrap_model(engine)) else
                "each node kept its own files (checkpoint.use_node_local_storage); copy the nodes' checkpoint folders "
                "into one shared folder first" if node_local else None)
     coordination.all_ranks_or_raise(why_not is None, f"Checkpoint {tag!r} was written by {saved_world} processes, "
