@@ -29,7 +29,8 @@ def apply(model: nn.Module, config: BeamLoRAConfig) -> BeamController:
     """Replace every matching linear layer in `model` (in place) by a BeamLoRALinear; return its controller.
 
     Only `lora_A`, `lora_B` and the scores stay trainable; the scores of all wrapped layers live in one
-    (modules x r) table, `model.beamlora_scores.lora_score` (docs/fused_score_design.md). Fails before changing
+    (modules x r) table, `model.beamlora_scores.lora_score` (docs/fused_score_design.md; a DeepSpeed PipelineModule
+    has one per pipeline layer, a virtual pipeline one per chunk). Fails before changing
     anything when nothing matches, a match is not a linear layer, or r does not fit a layer. On a megatron-core
     model the targets are its parallel linear layers (docs/megatron.md); under a virtual pipeline, pass the list
     of this process's model chunks; on a DeepSpeed PipelineModule, this process's stage (docs/pipeline.md).

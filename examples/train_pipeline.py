@@ -130,7 +130,7 @@ def main():
 
     # 4. one peft adapter for the HF model, every stage's layers in it; every process calls it, process 0 writes
     beamlora_ds.save_adapter(engine, os.path.join(args.out, "adapter"), base_model_name_or_path="builtin-tiny",
-                             rename=hf_name, overwrite=True)
+                             rename=hf_name, task_type="CAUSAL_LM", overwrite=True)
     evaluation = engine.eval_batch(batches(args.seed + 1, 0, ds_config["train_micro_batch_size_per_gpu"], 1))
     if engine.global_rank == 0:
         print(f"done: {beam.global_step} steps, {len(beam.history)} resets, eval loss {evaluation.item():.6f}, "

@@ -7,7 +7,7 @@ all-reduce: every stage writes its rows into zeros the size of the whole model, 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,7 @@ class PipelineStages(Stages):
 
     def __init__(self, group):
         self.group = group
-        self.all_reduce_bytes = 0
+        self.all_reduce_bytes = 0  # this process's, over the pipeline group
 
     def whole_model(self, names: Sequence[str]) -> WholeModel:
         stage_names = [None] * dist.get_world_size(self.group)
@@ -29,10 +29,23 @@ class PipelineStages(Stages):
         return order_across_stages(stage_names, dist.get_rank(self.group))
 
     def gather(self, local: torch.Tensor, whole: WholeModel) -> torch.Tensor:
-        rows = whole_rows(local, whole).to(comm_device(self.group))
-        dist.all_reduce(rows, group=self.group)
-        self.all_reduce_bytes += rows.numel() * rows.element_size()
-        return rows.cpu()
+        return self._all_reduce(whole_rows(local, whole), dist.ReduceOp.SUM)
+
+    def earliest(self, step: Optional[int]) -> Optional[int]:
+        none = 1 << 62
+        first = int(self._all_reduce(torch.tensor([none if step is None else step], dtype=torch.int64),
+                                     dist.ReduceOp.MIN).item())
+        return None if first == none else first
+
+    def agree(self, checksum: float) -> bool:
+        both = self._all_reduce(torch.tensor([checksum, -checksum], dtype=torch.float64), dist.ReduceOp.MAX)
+        return bool(both[0] == checksum and -both[1] == checksum)
+
+    def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        on_device = tensor.to(comm_device(self.group))
+        dist.all_reduce(on_device, op=op, group=self.group)
+        self.all_reduce_bytes += on_device.numel() * on_device.element_size()
+        return on_device.cpu()
 
 
 def stages_of(group) -> Stages:

@@ -11,6 +11,7 @@ import torch
 
 from ..method.controller import BeamController
 from ..backends import coordination
+from ..backends.deepspeed.internals import pipeline_layers
 from ..backends.deepspeed.pipeline_module import is_pipeline_module
 from ..backends.wrappers import unwrap_model
 from . import manifest, reshard
@@ -65,8 +66,9 @@ def adapter_only_loads(engine_or_model):
     """While inside, a strict load_state_dict of the model (of each layer of a PipelineModule) accepts a state
     without the frozen base (what save_checkpoint writes): see allow_adapter_only_state."""
     model = unwrap_model(engine_or_model)
-    # a PipelineModule loads each of its layers from its own file (layer.load_state_dict): the hook on each layer
-    loaded = list(model.children()) if is_pipeline_module(model) else [model]
+    # a PipelineModule loads each of its layers from its own file (layer.load_state_dict, a tied layer's shared
+    # module too): the hook on each of them
+    loaded = list({id(m): m for m in pipeline_layers(model)}.values()) if is_pipeline_module(model) else [model]
     handles = [m.register_load_state_dict_post_hook(allow_adapter_only_state) for m in loaded]
     try:
         yield

@@ -137,13 +137,18 @@ def target_modules_for(model: nn.Module, names: Sequence[str]) -> List[str]:
     """Leaf names of the wrapped modules when, by peft's matching rule, they select exactly those modules in
     `model`; otherwise the full module names (peft matches those exactly), so peft never adds extra layers."""
     leaves = sorted({name.rpartition(".")[2] for name in names})
-    inside = tuple(name + "." for name in names)
-    candidates = [n for n, _ in model.named_modules() if n and not n.startswith(inside)]
-    if {n for n in candidates if matches_target(n, leaves)} == set(names):
+    if leaves_select_exactly(model, names, leaves):
         return leaves
     logger.info("Leaf names %s would select more modules than BeamLoRA wrapped; adapter_config.json lists the %d "
                 "full module names instead.", leaves, len(names))
     return list(names)
+
+
+def leaves_select_exactly(model: nn.Module, names: Sequence[str], leaves: Sequence[str]) -> bool:
+    """Whether peft, given `leaves` as target_modules, would select exactly the modules `names` of `model`."""
+    inside = tuple(name + "." for name in names)
+    candidates = [n for n, _ in model.named_modules() if n and not n.startswith(inside)]
+    return {n for n in candidates if matches_target(n, list(leaves))} == set(names)
 
 
 def target_modules_from_config(config_targets: Union[Sequence[str], str], names: Sequence[str]

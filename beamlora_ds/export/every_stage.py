@@ -8,7 +8,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch.distributed as dist
 
 from ..method.stages import layer_number
-from .adapter_format import TENSOR_KEYS, AdapterState
+from .adapter_format import TENSOR_KEYS, AdapterState, leaves_select_exactly, target_modules_for
 
 
 def every_stage(state: AdapterState, group) -> AdapterState:
@@ -27,16 +27,18 @@ def every_stage(state: AdapterState, group) -> AdapterState:
     return merged
 
 
-def every_stage_targets(targets: Union[List[str], str], names: Sequence[str], group) -> Union[List[str], str]:
-    """adapter_config.json's target_modules for every stage: the leaf names when, on every stage, they select
-    exactly the modules wrapped there (`targets` is then leaf names), else every stage's full module `names`."""
+def every_stage_targets(model, names: Sequence[str], group) -> Union[List[str], str]:
+    """adapter_config.json's target_modules for every stage's modules (`names`: this stage's, of `model`): the leaf
+    names of all stages when, on every stage, they select exactly the modules wrapped there, else every stage's full
+    names (peft then matches them exactly). Without a group, target_modules_for on this model."""
     if group is None:
-        return targets
-    stages = [None] * dist.get_world_size(group)
-    dist.all_gather_object(stages, (targets, list(names)), group=group)
-    if all(isinstance(t, list) and not any("." in n for n in t) for t, _ in stages):
-        return sorted({n for t, _ in stages for n in t})
-    return [n for _, stage_names in stages for n in stage_names]
+        return target_modules_for(model, names)
+    stage_names = [None] * dist.get_world_size(group)
+    dist.all_gather_object(stage_names, list(names), group=group)
+    leaves = sorted({n.rpartition(".")[2] for stage in stage_names for n in stage})
+    exact = [None] * len(stage_names)
+    dist.all_gather_object(exact, leaves_select_exactly(model, names, leaves), group=group)
+    return leaves if all(exact) else [n for stage in stage_names for n in stage]
 
 
 def renamed(state: AdapterState, targets: Sequence[str], rename: Optional[Callable[[str], str]]):

@@ -12,6 +12,7 @@ import glob
 import json
 import logging
 import os
+import re
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -173,7 +174,11 @@ def pipeline_weights(tag_dir: str) -> Tuple[Dict[str, torch.Tensor], list, Dict[
     checkpoints, whose model files hold no module)."""
     weights, names = {}, []
     for path in sorted(glob.glob(os.path.join(tag_dir, "layer_*-model_states.pt"))):
-        index = int(os.path.basename(path)[len("layer_"):].split("-")[0])
+        match = re.fullmatch(r"layer_(\d+)-model_states\.pt", os.path.basename(path))
+        if match is None:  # layer_XX-model_YY-...: one file per tensor-parallel slice of a layer
+            raise ValueError(f"{path}: a pipeline checkpoint with tensor-parallel slices per layer cannot be exported "
+                             "offline; export the adapter from the live engine with beamlora_ds.save_adapter.")
+        index = int(match.group(1))
         for key, value in torch.load(path, map_location="cpu", weights_only=False).items():
             if "lora_" in key:
                 weights[f"{index}.{key}"] = value

@@ -31,14 +31,16 @@ NO_MODULES = ("This model has no BeamLoRA modules, so there is no adapter to exp
 
 
 def save_adapter(model_or_engine, out_dir: str, base_model_name_or_path: Optional[str] = None,
-                 overwrite: bool = False, rename: Optional[Callable[[str], str]] = None) -> str:
+                 overwrite: bool = False, rename: Optional[Callable[[str], str]] = None,
+                 task_type: Optional[str] = None) -> str:
     """Write a stock peft LoRA adapter (score folded into A) plus our unfolded state into `out_dir`.
 
     Works on a plain model and on a DeepSpeed engine under any ZeRO stage, and on a PipelineEngine (every stage's
     modules in one adapter). In a multi-process job (DeepSpeed, or torch.distributed alone) call it on EVERY process
     (the gathers are collective); rank 0 alone writes, and every process returns only after the files are in place
     or raises when rank 0 could not write them. `rename`: each module's name in the model the adapter is for (a
-    PipelineModule's `3.layer.self_attn.q_proj` -> `model.layers.2.self_attn.q_proj`). Returns `out_dir`.
+    PipelineModule's `3.layer.self_attn.q_proj` -> `model.layers.2.self_attn.q_proj`); `task_type`: peft's (e.g.
+    "CAUSAL_LM"), read from a transformers model when not given. Returns `out_dir`.
     """
     model = unwrap_model(model_or_engine)
     modules = find_beamlora_modules(model)
@@ -51,14 +53,15 @@ def save_adapter(model_or_engine, out_dir: str, base_model_name_or_path: Optiona
         raise FileExistsError(problem or f"Process 0 refused to write {out_dir!r} (see its error); nothing was "
                               "written.")
     state = adapter_state_from_model(model)
-    targets, task_type, base = adapter_metadata(model, state)
     group = pipeline_parallel_group(model_or_engine)
-    targets = every_stage_targets(targets, state.module_names, group)
+    targets = every_stage_targets(model, state.module_names, group)
     state, targets = renamed(every_stage(state, group), targets, rename)
+    task_type = task_type or task_type_of(model)
+    base = base_model_name_or_path or base_model_name_of(model)
     error = None
     if writer:
         try:
-            write_adapter(state, out_dir, targets, task_type, base_model_name_or_path or base, overwrite)
+            write_adapter(state, out_dir, targets, task_type, base, overwrite)
             logger.info("Wrote a peft LoRA adapter (%d modules, r=%d, score folded into A) to %s",
                         len(state.module_names), state.r, out_dir)
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other processes

@@ -147,13 +147,14 @@ class BeamController:
 
     def _reset(self, access: PlatformAccess, step: int) -> dict:
         cfg = self.config
-        bytes_before = access.all_reduce_bytes
+        bytes_before = access.all_reduce_bytes + access.stages.all_reduce_bytes
         keep = algorithm.keep_fraction(step, cfg.p0, cfg.resolved_t_end)
         stats = self._whole_model_stats(access)
         logits, importance = stats.logits, self._importance(stats)
+        nonfinite_loss_step = access.stages.earliest(self._nonfinite_loss_step)  # any stage's, the same on all
         skipped = None
-        if self._nonfinite_loss_step is not None:
-            skipped = f"non-finite loss at step {self._nonfinite_loss_step}"
+        if nonfinite_loss_step is not None:
+            skipped = f"non-finite loss at step {nonfinite_loss_step}"
         elif not (torch.isfinite(importance).all() and torch.isfinite(logits).all()):
             skipped = "non-finite score or importance"
         self._nonfinite_loss_step = None
@@ -166,7 +167,7 @@ class BeamController:
             raise RuntimeError(f"BeamLoRA reset at step {step} has no snapshot (taken at step "
                                f"{step - cfg.interval // 2}). If you resumed, load the controller's state_dict too.")
         plans = algorithm.plan_reset(importance, keep, cfg.seed, step)
-        if cfg.check_consistency and not access.all_processes_agree(_plan_checksum(plans, importance)):
+        if cfg.check_consistency and not _agreed(access, _plan_checksum(plans, importance)):
             raise RuntimeError(f"BeamLoRA reset at step {step}: processes disagree on the reset decision "
                                "(different scores or plans on different ranks); refusing to apply it.")
         new_logits = {p.module_index: algorithm.average_scores(logits[p.module_index], p.targets, p.sources)
@@ -178,7 +179,7 @@ class BeamController:
         access.zero_score_moments()
         self._snapshot, self._snapshot_step = None, None  # free host memory until the next snapshot
         record = self._record(step, keep, plans, importance, new_logits, access)
-        record["all_reduce_bytes"] = access.all_reduce_bytes - bytes_before
+        record["all_reduce_bytes"] = access.all_reduce_bytes + access.stages.all_reduce_bytes - bytes_before
         self.history.append(record)
         _log(access, logging.INFO, "BeamLoRA reset at step %d: keep-fraction %.4f, %d ranks pruned in %d of %d "
              "modules", step, keep, len(record["pruned"]), len(plans), len(self.whole_model.names))
@@ -236,8 +237,9 @@ class BeamController:
             return ("Cannot resume: the BeamLoRA config differs from the checkpoint's (" + "; ".join(changed)
                     + "). Resume with the original settings or start a new run.")
         if list(state["module_names"]) != self.module_names:
-            return (f"Cannot resume: the checkpoint has {len(state['module_names'])} BeamLoRA modules, this model has "
-                    f"{len(self.module_names)} (or different names). Use the same target_modules.")
+            return (f"Cannot resume: the checkpoint has {len(state['module_names'])} BeamLoRA modules here, this model "
+                    f"has {len(self.module_names)} (or different names). Use the same target_modules, and under "
+                    "pipeline parallelism the same stages and partition of the layers.")
         if state.get("process", self.process_place) != self.process_place:  # a state without one predates it
             return foreign_state_message(state["process"], self.process_place)
         if state["tensor_parallel"] != self.tensor_parallel_layout:
@@ -285,6 +287,14 @@ def _log(access: PlatformAccess, level: int, message: str, *args) -> None:
     GPUs say no more than one (the record itself is in `history` on every process)."""
     if access.is_process_zero():
         logger.log(level, message, *args)
+
+
+def _agreed(access: PlatformAccess, checksum: float) -> bool:
+    """The consistency check over the access's processes and over the pipeline stages (both always asked: every
+    process enters both collectives)."""
+    same_here = access.all_processes_agree(checksum)
+    same_across_stages = access.stages.agree(checksum)
+    return same_here and same_across_stages
 
 
 def _weak(obj):

@@ -93,9 +93,11 @@ def attach_score_table(model: nn.Module, modules: Dict[str, nn.Module]) -> Score
 
 
 def detach_score_table(model: nn.Module) -> None:
-    """Remove the model's score table, once no BeamLoRA module reads it (after a merge)."""
-    if isinstance(getattr(model, TABLE_ATTRIBUTE, None), ScoreTable):
-        delattr(model, TABLE_ATTRIBUTE)
+    """Remove the model's score tables (one, or one per pipeline layer), once no BeamLoRA module reads them (after
+    a merge)."""
+    for module in list(model.modules()):
+        if isinstance(getattr(module, TABLE_ATTRIBUTE, None), ScoreTable):
+            delattr(module, TABLE_ATTRIBUTE)
 
 
 def score_parameters(modules: Sequence[nn.Module]) -> List[nn.Parameter]:

@@ -61,8 +61,17 @@ def order_across_stages(stage_names: Sequence[Sequence[str]], this_stage: int) -
     names = [name for *_, name in entries]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"Pipeline stages hold BeamLoRA modules of the same name ({duplicates[:3]}): each module "
-                         "needs the whole model's layer number in its name (a stage numbering its layers from 0).")
+        raise ValueError(f"Pipeline stages hold BeamLoRA modules of the same name ({duplicates[:3]}): a stage numbers "
+                         "its layers from 0. Build each stage so its layers carry the whole model's numbers (Megatron: "
+                         "layer_number, vp_stage for virtual pipelines; DeepSpeed: a PipelineModule of LayerSpecs), "
+                         "and call beamlora_ds.apply() on that stage.")
+    containers = sorted({name.split(f".{int(number)}.")[0] if f".{int(number)}." in name else ""
+                         for name in names if (number := layer_number(name)) != math.inf})
+    if len(containers) > 1:
+        raise ValueError(f"BeamLoRA modules lie in more than one numbered container ({containers}), so their order "
+                         "in the whole model is ambiguous under pipeline parallelism. Narrow target_modules to one of "
+                         "them (e.g. a regex on decoder.layers; Megatron's multi-token prediction layers are "
+                         "mtp.layers).")
     position = {(stage, pos): i for i, (_, stage, pos, _) in enumerate(entries)}
     return WholeModel(names, [position[(this_stage, p)] for p in range(len(stage_names[this_stage]))])
 
@@ -75,9 +84,20 @@ class Stages:
         """The whole model from this process's module `names` (collective over the stages)."""
         return WholeModel(list(names), list(range(len(names))))
 
+    all_reduce_bytes = 0  # bytes this process has all-reduced over the stages
+
     def gather(self, local: torch.Tensor, whole: WholeModel) -> torch.Tensor:
         """(k, local modules, r) rows of this process -> (k, whole modules, r), every stage's rows (collective)."""
         return local
+
+    def earliest(self, step: Optional[int]) -> Optional[int]:
+        """The earliest of every stage's `step` (None where a stage has none), the same on every stage: a
+        non-finite loss seen on one stage (under Megatron only the last has the loss) skips the reset on all."""
+        return step
+
+    def agree(self, checksum: float) -> bool:
+        """Whether every stage computed the same `checksum` (the consistency check across stages)."""
+        return True
 
 
 def whole_rows(local: torch.Tensor, whole: WholeModel) -> torch.Tensor:

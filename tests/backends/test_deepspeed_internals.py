@@ -120,7 +120,7 @@ def test_convert_to_universal_files():
     assert isinstance(argparse.Namespace(**{k: None for k in passed}), argparse.Namespace)
 
 
-def test_pipeline_parallel_group_and_pipeline_stage_of():
+def test_pipeline_parallel_group_pipeline_stage_of_and_pipeline_layers():
     """A PipelineModule keeps its topology grid in `_grid` (the PipelineEngine takes it as `grid`), whose
     `pipe_parallel_size` and `get_pipe_parallel_group()` give one process per stage; the module knows its `stage_id`
     and `_topo`; it registers each layer it builds under the layer's index in the whole list (`str(layer_idx)`), the
@@ -134,3 +134,6 @@ def test_pipeline_parallel_group_and_pipeline_stage_of():
     assert "self.pipe_parallel_size = " in source_of(topology.PipelineParallelGrid.__init__)
     assert parameters(topology.PipelineParallelGrid.get_pipe_parallel_group) == ["self"]
     assert "layer.load_state_dict(checkpoint, strict=strict)" in source_of(module.PipelineModule.load_state_dir)
+    # pipeline_layers: what load_state_dir loads one by one is forward_funcs, a tied layer's shared module included
+    assert "self.forward_funcs.append(self.tied_modules[layer.key])" in built
+    assert "for idx, layer in enumerate(self.forward_funcs):" in source_of(module.PipelineModule.load_state_dir)

@@ -12,12 +12,19 @@ from beamlora_ds import testing
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run_ds_example(out, *extra):
-    cmd = testing.spawn_command(os.path.join(ROOT, "examples", "train_deepspeed.py"),
-                                ["--out", out, "--steps", 16, "--interval", 4, "--save_every", 2, *extra], 2)
-    proc = testing.run(cmd, timeout=300, cwd=ROOT)
+def run_example(script, out, args, nproc=2):
+    """An example as a user runs it; its stdout (the second try's, when a native abort at exit was retried: a fresh
+    run starts again from nothing, a resumed one from the checkpoint the first try named `latest`)."""
+    fresh = "--resume" not in args
+    cmd = testing.spawn_command(os.path.join(ROOT, "examples", script), ["--out", out, *args], nproc)
+    proc = testing.run(cmd, timeout=300, cwd=ROOT,
+                       before_retry=(lambda: shutil.rmtree(out, ignore_errors=True)) if fresh else None)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return proc.stdout.split(testing.RETRIED)[-1]
+
+
+def run_ds_example(out, *extra):
+    return run_example("train_deepspeed.py", out, ["--steps", 16, "--interval", 4, "--save_every", 2, *extra])
 
 
 def as_stopped_after(full, part, step):

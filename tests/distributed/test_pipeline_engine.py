@@ -13,20 +13,16 @@ import pytest
 import torch
 
 import beamlora_ds
-from beamlora_ds import testing
-from test_integration_examples import adapter_tensors, as_stopped_after
+from test_integration_examples import adapter_tensors, as_stopped_after, run_example
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(ROOT, "examples", "train_pipeline.py")
 
 
-def run_example(out, stages, *extra):
-    cmd = testing.spawn_command(EXAMPLE, ["--out", out, "--stages", stages, "--steps", 12, "--interval", 4,
-                                          "--save_every", 6, *extra], stages)
-    proc = testing.run(cmd, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+def run_pipeline_example(out, stages, *extra):
+    return run_example("train_pipeline.py", out, ["--stages", stages, "--steps", 12, "--interval", 4, "--save_every", 6,
+                                                  *extra], nproc=stages)
 
 
 def losses(output):
@@ -46,7 +42,7 @@ def example_module():
 
 def test_two_pipeline_stages_follow_one_and_resume_exactly(tmp_path):
     one, two, part = (str(tmp_path / name) for name in ("one", "two", "part"))
-    reference, output = losses(run_example(one, 1)), run_example(two, 2)
+    reference, output = losses(run_pipeline_example(one, 1)), run_pipeline_example(two, 2)
     assert sorted(losses(output)) == list(range(1, 13))
     assert max(abs(reference[s] - loss) for s, loss in losses(output).items()) <= 1e-5
     assert pruned_sets(two) == pruned_sets(one) and [s for s, _ in pruned_sets(two)] == [4, 8]
@@ -62,7 +58,7 @@ def test_two_pipeline_stages_follow_one_and_resume_exactly(tmp_path):
     assert exported.keys() == a.keys() and all(torch.equal(exported[k], a[k]) for k in a)
 
     as_stopped_after(two, part, 6)
-    run_example(part, 2, "--resume")
+    run_pipeline_example(part, 2, "--resume")
     resumed = adapter_tensors(os.path.join(part, "adapter"))
     assert resumed.keys() == a.keys() and all(torch.equal(resumed[k], a[k]) for k in a)
 

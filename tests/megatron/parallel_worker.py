@@ -130,7 +130,7 @@ def run(layout: str, importance: str, data, resume_at=None, folder=None):
             beamlora_ds.load_megatron_checkpoint(folder, model, optimizer, beam)
         losses.append(train_step(model, optimizer, beam, micro_batches))
     pruned = [[record["step"], sorted(map(list, record["pruned"]))] for record in beam.history]
-    return {"losses": losses, "pruned": pruned, "adapter": consolidated(beam),
+    return {"losses": losses, "pruned": pruned, "adapter": consolidated(beam), "order": beam.whole_model.names,
             "all_reduce_bytes": beam.access_for(optimizer).all_reduce_bytes,
             "cut_parameters": cut_parameters(beam, optimizer)}
 

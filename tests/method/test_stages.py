@@ -26,7 +26,8 @@ def test_the_whole_model_is_ordered_by_layer_number_across_stages():
 
 
 def test_stages_that_number_their_layers_from_zero_are_refused():
-    with pytest.raises(ValueError, match="whole model's layer number"):
+    with pytest.raises(ValueError, match="a stage numbers its layers from 0. Build each stage so its layers carry the "
+                                         "whole model's numbers"):
         order_across_stages([["decoder.layers.0.linear_qkv"], ["decoder.layers.0.linear_qkv"]], 0)
 
 
@@ -123,3 +124,11 @@ def test_a_stage_prunes_by_the_whole_models_top_p_and_applies_only_its_own_part(
         a, b = before[name]
         for j, source in zip(plan.targets, plan.sources):
             assert torch.equal(module.lora_A[j], a[source]) and torch.equal(module.lora_B[:, j], b[:, source])
+
+
+def test_modules_in_two_numbered_containers_are_refused_under_a_pipeline():
+    """Megatron's multi-token prediction layers (mtp.layers.K) come after the decoder in one process; by their
+    numbers alone they would sort among the decoder's layers."""
+    with pytest.raises(ValueError, match=r"more than one numbered container \(\['decoder.layers', 'mtp.layers'\]\)"):
+        order_across_stages([["decoder.layers.0.linear_qkv"], ["decoder.layers.1.linear_qkv",
+                                                               "mtp.layers.0.transformer_layer.linear_qkv"]], 0)

@@ -79,10 +79,18 @@ def partition_sizes(layer) -> Tuple[int, ...]:
 def pipeline_parallel_group(engine_or_module):
     """The process group of one process per stage of a PipelineEngine (its topology grid, `engine.grid`) or of a
     PipelineModule (`_grid`), or None for anything else or a one-stage pipeline."""
-    grid = getattr(engine_or_module, "grid", None) or getattr(engine_or_module, "_grid", None)
-    if grid is None or getattr(grid, "pipe_parallel_size", 1) <= 1:
-        return None
+    grid = getattr(engine_or_module, "grid", None)
+    if grid is None:
+        grid = getattr(engine_or_module, "_grid", None)
+    if not hasattr(grid, "get_pipe_parallel_group") or getattr(grid, "pipe_parallel_size", 1) <= 1:
+        return None  # not a pipeline (a model may have an unrelated attribute `grid`), or one stage
     return grid.get_pipe_parallel_group()
+
+
+def pipeline_layers(module) -> list:
+    """The modules a PipelineModule loads one by one from their layer files (`forward_funcs`: its layers, a tied
+    layer as the shared module itself, which is no direct child of the PipelineModule)."""
+    return [f for f in getattr(module, "forward_funcs", []) if isinstance(f, torch.nn.Module)]
 
 
 def pipeline_stage_of(module) -> Optional[int]:

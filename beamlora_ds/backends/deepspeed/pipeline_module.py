@@ -15,7 +15,7 @@ from typing import Dict
 from torch import nn
 
 from ...method.config import BeamLoRAConfig
-from ...method.inject import matches_target, wrap_targets
+from ...method.inject import check_targets, find_beamlora_modules, matches_target, wrap_targets
 from ...method.layer import BeamLoRALinear
 from .. import coordination
 from .internals import pipeline_stage_of
@@ -27,24 +27,28 @@ def is_pipeline_module(model: nn.Module) -> bool:
 
 
 def wrap_pipeline_stage(model: nn.Module, config: BeamLoRAConfig) -> Dict[str, BeamLoRALinear]:
-    """wrap_targets on this process's stage, every stage's problem raised on all, A seeded by layer name."""
-    stage, problem, wrapped = pipeline_stage_of(model), None, {}
+    """wrap_targets on this process's stage, once every stage's targets are checked (a problem anywhere raised on
+    all, before any stage changes), A seeded by layer name."""
+    stage, problem = pipeline_stage_of(model), None
     try:
         tied = [name for name, _ in model.named_modules()
                 if name.startswith("tied_modules.") and matches_target(name, config.target_modules)]
         if tied:
             raise ValueError(f"{tied[0]} is inside a tied module (TiedLayerSpec), which several stages share: "
                              "BeamLoRA does not adapt tied modules; narrow target_modules to the untied layers.")
-        wrapped = wrap_targets(model, config, table_per_child=True)  # DeepSpeed saves each layer in its own file
-    except (TypeError, ValueError) as error:
+        if find_beamlora_modules(model):
+            raise ValueError("This model already has BeamLoRA modules; apply() once per model.")
+        check_targets(model, config)
+    except Exception as error:  # noqa: BLE001 - raised below on every stage together
         problem = f"{type(error).__name__}: pipeline stage {stage}: {error}"
     problem = coordination.first_problem(problem)
     if problem:
         kind, _, message = problem.partition(": ")
-        raise (TypeError if kind == "TypeError" else ValueError)(
-            message + (" Under pipeline parallelism every stage takes part in the whole model's reset and must hold "
-                       "BeamLoRA modules." if "matched no module" in message else ""))
+        if "matched no module" in message:
+            message += (" Under pipeline parallelism every stage takes part in the whole model's reset and must hold "
+                        "BeamLoRA modules.")
+        raise {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)(message)
+    wrapped = wrap_targets(model, config, table_per_child=True)  # DeepSpeed saves each layer in its own file
     for name, layer in wrapped.items():
         layer.seed_lora_A(config.seed, name)
     return wrapped
-
