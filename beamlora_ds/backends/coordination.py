@@ -10,6 +10,7 @@ default group (Megatron, plain DDP); with neither there is one process and every
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional, Type
 
 import torch
@@ -18,10 +19,12 @@ import torch
 def _comm():
     """deepspeed.comm when DeepSpeed set up the process group, else torch.distributed when it is initialised (a
     Megatron or plain torch job), else None."""
-    try:
-        import deepspeed.comm as ds_dist
-    except ImportError:
-        ds_dist = None
+    ds_dist = None
+    if "deepspeed" in sys.modules:  # only an imported DeepSpeed can have set up a group (importing it costs seconds)
+        try:
+            import deepspeed.comm as ds_dist
+        except ImportError:
+            ds_dist = None
     if ds_dist is not None and ds_dist.is_initialized():
         return ds_dist
     dist = torch.distributed

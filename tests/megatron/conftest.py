@@ -19,8 +19,8 @@ HAS_MEGATRON = (importlib.util.find_spec("megatron") is not None
 LAUNCHES = {
     1: {"runs": "tp1/score,tp1/norm,tp1L4/score", "resume": "tp1", "export": "tp1", "hf_checks": "off"},
     2: {"runs": "tp2sp/score,tp2/norm,tp1/score,tp1/norm,tp1-plain/norm,tp2-plain/score,tp1pp2/norm,"
-                "tp1pp2vp2L4/score", "resume": "", "export": "tp2sp", "hf_checks": "off,on"},
-    4: {"runs": "tp2sp/score,tp2pp2sp/score,tp1pp2/score", "resume": "tp2sp,tp2pp2sp", "export": "tp2pp2sp"},
+                "tp1pp2vp2L4/score", "resume": "tp1", "export": "tp2sp", "hf_checks": "off,on"},
+    4: {"runs": "tp2sp/score,tp2pp2sp/score,tp1pp2/score", "resume": "tp2pp2sp", "export": "tp2pp2sp"},
 }
 _results = {}
 
