@@ -66,16 +66,23 @@ def megatron_adapter_state(modules: Dict[str, torch.nn.Module], hf_config, optim
                 a = whole
             else:
                 b, slices = whole, list(whole.split(list(split.sizes)))
-        kind = name.rpartition(".")[2]
-        parts = {"linear_qkv": lambda: split_qkv_rows(b, hf_config),
-                 "linear_fc1": lambda: split_fc1_rows(slices)}.get(kind, lambda: (b,))()
-        hf_names = hf_module_names(name)
-        if len(parts) != len(hf_names) or len(HF_NAMES[kind]) != len(hf_names):
-            raise ValueError(f"{name}: {len(parts)} row blocks for {hf_names}")
-        for hf_name, rows in zip(hf_names, parts):
-            state.lora_A[hf_name], state.lora_B[hf_name] = a.clone(), rows.contiguous().clone()
-            state.lora_score[hf_name] = score.clone()
+        add_hf_projections(state, name, a, b, slices, score, hf_config)
     return state
+
+
+def add_hf_projections(state: AdapterState, name: str, a: torch.Tensor, b: torch.Tensor, b_slices,
+                       score: torch.Tensor, hf_config) -> None:
+    """One Megatron module's whole A and B (and B's rows per tensor-parallel process, which a fused fc1 needs) as
+    the HF projections it fuses, each with the same A (module docstring)."""
+    kind = name.rpartition(".")[2]
+    parts = {"linear_qkv": lambda: split_qkv_rows(b, hf_config),
+             "linear_fc1": lambda: split_fc1_rows(b_slices)}.get(kind, lambda: (b,))()
+    hf_names = hf_module_names(name)
+    if len(parts) != len(hf_names) or len(HF_NAMES[kind]) != len(hf_names):
+        raise ValueError(f"{name}: {len(parts)} row blocks for {hf_names}")
+    for hf_name, rows in zip(hf_names, parts):
+        state.lora_A[hf_name], state.lora_B[hf_name] = a.clone(), rows.contiguous().clone()
+        state.lora_score[hf_name] = score.clone()
 
 
 def fp32_values(modules: Dict[str, torch.nn.Module], optimizer=None) -> Dict[str, tuple]:

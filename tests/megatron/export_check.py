@@ -52,6 +52,7 @@ def train_and_export(out_dir: str, tp: int, sp: bool, steps: int = 5) -> dict:
     expected = pipelined_logits(model, ids) if ps.get_pipeline_model_parallel_world_size() > 1 else megatron_logits(gpt, ids)
     beamlora_ds.save_megatron_adapter(model, out_dir, hf.config, optimizer=optimizer,
                                       base_model_name_or_path="builtin-tiny")
+    checkpoint = beamlora_ds.save_megatron_checkpoint(out_dir + "-checkpoint", model, optimizer, beam)
     result = {"resets": len(beam.history), "pruned": sum(len(r["pruned"]) for r in beam.history),
               "decayed_scores": beam.decayed_scores(optimizer),
               "group_weight_decays": sorted({g["weight_decay"] for g in optimizer.param_groups})}
@@ -62,6 +63,11 @@ def train_and_export(out_dir: str, tp: int, sp: bool, steps: int = 5) -> dict:
         with torch.no_grad():
             got = peft_model(ids).logits
             plain = hf(ids).logits
+        from safetensors.torch import load_file
+
+        offline = beamlora_ds.export_megatron_checkpoint(checkpoint, out_dir + "-offline", hf.config)
+        live, read = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (out_dir, offline))
+        result["offline_equals_live"] = live.keys() == read.keys() and all(torch.equal(live[k], read[k]) for k in live)
         result.update(max_abs_diff=(got - expected).abs().max().item(),
                       adapter_effect=(plain - expected).abs().max().item(),
                       files=sorted(os.listdir(out_dir)), peft_modules=len(peft_model.peft_config["default"]

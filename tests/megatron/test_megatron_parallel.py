@@ -85,3 +85,4 @@ def test_the_exported_adapter_loads_in_stock_peft_with_the_same_logits(launched,
     assert 0.01 in export["group_weight_decays"]  # not off A and B
     assert "adapter_model.safetensors" in export["files"]
     assert export["layers"] == [0, 1]  # every stage's layers, numbered as in the whole model
+    assert export["offline_equals_live"]  # export_megatron_checkpoint on the run's checkpoint, no process group
