@@ -131,3 +131,13 @@ def first_problem(problem: Optional[str]) -> Optional[str]:
     """The first non-None `problem` of any process (in rank order), on every process: for checks that each
     process makes on its own share of the work and whose message only the finder knows."""
     return next((p for p in all_values(problem) if p is not None), None)
+
+
+def raise_first_error(error: Optional[BaseException]) -> None:
+    """Every process raises the first process's `error` (in rank order; None where a process has none): a
+    TypeError or ValueError as such, anything else as a RuntimeError with its message. For checks each process makes
+    on its own part (a pipeline stage's layers) before any process changes anything or waits in a collective."""
+    found = first_problem(None if error is None else (type(error).__name__, str(error)))
+    if found is not None:
+        kind, message = found
+        raise {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)(message)

@@ -29,7 +29,7 @@ def is_pipeline_module(model: nn.Module) -> bool:
 def wrap_pipeline_stage(model: nn.Module, config: BeamLoRAConfig) -> Dict[str, BeamLoRALinear]:
     """wrap_targets on this process's stage, once every stage's targets are checked (a problem anywhere raised on
     all, before any stage changes), A seeded by layer name."""
-    stage, problem = pipeline_stage_of(model), None
+    problem = None
     try:
         tied = [name for name, _ in model.named_modules()
                 if name.startswith("tied_modules.") and matches_target(name, config.target_modules)]
@@ -40,14 +40,11 @@ def wrap_pipeline_stage(model: nn.Module, config: BeamLoRAConfig) -> Dict[str, B
             raise ValueError("This model already has BeamLoRA modules; apply() once per model.")
         check_targets(model, config)
     except Exception as error:  # noqa: BLE001 - raised below on every stage together
-        problem = f"{type(error).__name__}: pipeline stage {stage}: {error}"
-    problem = coordination.first_problem(problem)
-    if problem:
-        kind, _, message = problem.partition(": ")
-        if "matched no module" in message:
-            message += (" Under pipeline parallelism every stage takes part in the whole model's reset and must hold "
-                        "BeamLoRA modules.")
-        raise {"TypeError": TypeError, "ValueError": ValueError}.get(kind, RuntimeError)(message)
+        suffix = (" Under pipeline parallelism every stage takes part in the whole model's reset and must hold "
+                  "BeamLoRA modules." if "matched no module" in str(error) else "")
+        kind = {"TypeError": TypeError, "ValueError": ValueError}.get(type(error).__name__, RuntimeError)
+        problem = kind(f"pipeline stage {pipeline_stage_of(model)}: {error}{suffix}")
+    coordination.raise_first_error(problem)
     wrapped = wrap_targets(model, config, table_per_child=True)  # DeepSpeed saves each layer in its own file
     for name, layer in wrapped.items():
         layer.seed_lora_A(config.seed, name)

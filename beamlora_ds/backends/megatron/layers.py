@@ -164,20 +164,16 @@ def wrap_megatron_model(model, config: BeamLoRAConfig) -> Dict[str, BeamLoRAPara
     stage must hold a target (each takes part in the whole model's reset)."""
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     pipeline = any(getattr(getattr(c, "config", None), "pipeline_model_parallel_size", 1) > 1 for c in chunks)
-    if pipeline or len(chunks) > 1:
-        problem, found = None, 0
+    if pipeline or len(chunks) > 1:  # the same on every process
+        problem = None
         try:
-            found = sum(len(check_megatron_targets(c, config, allow_none=True)) for c in chunks)
+            if not sum(len(check_megatron_targets(c, config, allow_none=True)) for c in chunks):
+                raise ValueError(f"target_modules={config.target_modules!r} matched no module of pipeline stage "
+                                 f"{pipeline_rank()}: under pipeline parallelism every stage takes part in the whole "
+                                 "model's reset and must hold BeamLoRA modules; target projections every layer has.")
         except (TypeError, ValueError) as error:
-            problem = f"{type(error).__name__}: {error}"
-        if problem is None and not found:
-            problem = (f"ValueError: target_modules={config.target_modules!r} matched no module of pipeline stage "
-                       f"{pipeline_rank()}: under pipeline parallelism every stage takes part in the whole model's "
-                       "reset and must hold BeamLoRA modules; target projections every layer has.")
-        problem = coordination.first_problem(problem) if pipeline else problem
-        if problem:
-            kind, _, message = problem.partition(": ")
-            raise (TypeError if kind == "TypeError" else ValueError)(message)
+            problem = error
+        coordination.raise_first_error(problem)
     wrapped: Dict[str, BeamLoRAParallelLinear] = {}
     for chunk in chunks:
         wrapped.update(wrap_megatron_targets(chunk, config, allow_none=len(chunks) > 1))
@@ -191,9 +187,7 @@ def megatron_beamlora_modules(model) -> Dict[str, BeamLoRAParallelLinear]:
 
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     found: Dict[str, BeamLoRAParallelLinear] = {}
-    for chunk in map(unwrap_model, chunks):
-        while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):  # Float16Module and the like
-            chunk = chunk.module
+    for chunk in map(unwrap_model, chunks):  # Megatron's DDP and Float16Module unwrapped
         found.update({whole_model_name(chunk, name): m for name, m in chunk.named_modules()
                       if isinstance(m, BeamLoRALinear)})
     return found
