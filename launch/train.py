@@ -180,12 +180,13 @@ def announce(state: RunState):
     params = {id(p): p for m in beam.modules for p in (m.lora_A, m.lora_B, m.score_parameter)}  # one score table
     trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params.values())
     logger.info("model %s | ZeRO-%d %s | %d processes%s | %d BeamLoRA modules, r=%d, %s trainable | %d examples | "
-                "%d steps (%d per epoch), micro-batch %d x accumulation %d | resets at %s",
+                "%d steps (%d per epoch), micro-batch %d x accumulation %d | resets at %s | %s",
                 state.path, state.stage, "bf16" if state.precision == "bf16" else "fp32", state.world,
                 f" (tensor parallel {state.tp} x data parallel {state.replicas})" if state.tp > 1 else "",
                 len(beam.modules), args.lora_r, f"{trainable:,}", len(state.examples), total, state.per_epoch,
                 state.micro, state.accum,
-                [t for t in range(1, total + 1) if is_reset_step(t, args.interval, total)])
+                [t for t in range(1, total + 1) if is_reset_step(t, args.interval, total)],
+                "the built-in run's defaults" if args.builtin_model else "the paper's 7B defaults")
     if args.eval_samples and args.dataset is None:
         state.eval_rows = data_lib.arithmetic_examples(args.eval_samples, seed=args.seed + 1)
     state.log = RunLog(args.output_dir, state.rank, total, state.start_step)

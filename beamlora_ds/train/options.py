@@ -1,19 +1,20 @@
-"""launch/train.py's command line: every flag, its defaults (the paper's reference run, or the built-in offline
-run when neither a model nor a dataset is given), and --help naming both."""
+"""launch/train.py's command line: every flag, its defaults (the built-in run's for a built-in model, named or not;
+the paper's reference run for any other model), and --help naming both."""
 from __future__ import annotations
 
 import argparse
 import os
 
+from ..loading.builtin import BUILTIN_NAMES
 from ..method.config import LLAMA_PROJECTIONS
 from . import data as data_lib
 from .checks import UsageError
 
-# Defaults when neither a model nor a dataset is given: small enough for a CPU in a few minutes.
+# Defaults for a built-in model (no --model_name_or_path, or a built-in name): small enough for a CPU in minutes.
 BUILTIN_DEFAULTS = dict(lora_r=8, lora_alpha=16.0, lora_dropout=0.0, interval=10, p0=0.8, max_steps=30,
                         learning_rate=1e-3, per_device_train_batch_size=4, max_length=64, eval_samples=64,
                         warmup_ratio=0.1, logging_steps=1, save_steps=20, output_dir="outputs/builtin")
-# Defaults otherwise (the paper's reference run, docs/method.md section 7).
+# Defaults for any other model (the paper's reference run on a 7B model, docs/method.md section 7).
 PAPER_DEFAULTS = dict(lora_r=64, lora_alpha=128.0, lora_dropout=0.05, interval=3000, p0=0.95, max_steps=-1,
                       learning_rate=3e-4, per_device_train_batch_size=4, max_length=512, eval_samples=0,
                       warmup_ratio=0.03, logging_steps=10, save_steps=500, output_dir=None)
@@ -128,11 +129,15 @@ def _training_and_output_options(p):
 
 
 def fill_defaults(args):
-    """Built-in defaults for the offline demo, the paper's otherwise; explicit flags always win."""
-    args.builtin = args.model_name_or_path is None and args.dataset is None
+    """The defaults follow the model: the built-in run's for a built-in one (r 8 fits its 64-wide projections; the
+    paper's r 64 and 3000-step interval do not), the paper's otherwise; explicit flags always win. Only the offline
+    demo (built-in model and data) has a default output folder."""
+    args.builtin_model = args.model_name_or_path in BUILTIN_NAMES
+    args.builtin = args.builtin_model and args.dataset is None
+    args.defaults = "built-in" if args.builtin_model else "paper"
     args.explicit = sorted(k for k, v in vars(args).items() if v is not None)
-    for key, value in (BUILTIN_DEFAULTS if args.builtin else PAPER_DEFAULTS).items():
-        if getattr(args, key) is None:
+    for key, value in (BUILTIN_DEFAULTS if args.builtin_model else PAPER_DEFAULTS).items():
+        if getattr(args, key) is None and not (key == "output_dir" and not args.builtin):
             setattr(args, key, value)
     if args.output_dir is None:
         raise UsageError("--output_dir is required when a model or dataset is given.")
