@@ -21,6 +21,7 @@ from .export.megatron_checkpoint import export_megatron_checkpoint
 from .export.merge import merge_adapter, save_merged
 from .loading.four_bit_load import load_4bit_model, prepare_4bit_model
 from .loading.four_bit_request import QuantizationError, check_4bit_request
+from .loading.models import load_builtin_model
 from .method.config import BeamLoRAConfig, ConfigError
 from .method.controller import BeamController
 from .method.inject import check_targets, find_beamlora_modules, optimizer_param_groups
@@ -38,7 +39,7 @@ __all__ = ["BeamController", "BeamLoRAConfig", "BeamLoRALinear", "BeamLoRATraine
            "RECOMMENDED_TARGETS", "UnsupportedSetupError", "apply", "attach", "check_4bit_request", "check_deepspeed_setup",
            "check_targets",
            "current_records", "export_checkpoint", "export_megatron_checkpoint", "find_beamlora_modules", "is_wrappable", "load_4bit_model",
-           "load_checkpoint", "load_megatron_checkpoint", "log_reset", "megatron_gpt_from_hf",
+           "load_builtin_model", "load_checkpoint", "load_megatron_checkpoint", "log_reset", "megatron_gpt_from_hf",
            "megatron_optimizer_overrides", "merge_adapter", "optimizer_param_groups", "persistence_threshold_for",
            "prepare_4bit_model", "prepare_tensor_parallel", "save_adapter", "save_checkpoint",
            "save_megatron_adapter", "save_megatron_checkpoint", "save_merged"]

@@ -26,6 +26,7 @@ from torch import nn
 from ..checkpointing.atomic import atomic_dir
 from ..method.inject import matches_target
 from ..method.layer import BeamLoRALinear, rank_weights
+from .model_card import CARD, builtin_base_card
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +189,10 @@ def write_adapter(state: AdapterState, out_dir: str, target_modules, task_type: 
         _write_json(config, os.path.join(tmp, ADAPTER_CONFIG))
         _save_safetensors(_state_tensors(state), os.path.join(tmp, STATE_WEIGHTS))
         _write_json(_state_json(state, base_model_name_or_path), os.path.join(tmp, STATE_CONFIG))
+        card = builtin_base_card(base_model_name_or_path)
+        if card is not None:
+            with open(os.path.join(tmp, CARD), "w") as f:
+                f.write(card)
     return out_dir
 
 

@@ -31,6 +31,15 @@ def resolve_builtin(name: Optional[str]) -> str:
     return name
 
 
+def builtin_name_of(path: Optional[str]) -> Optional[str]:
+    """The built-in model a recorded base path is (its name, or the folder SmolLM2 was converted to), else None."""
+    if path == BUILTIN_TINY:
+        return BUILTIN_TINY
+    if path and os.path.abspath(path) == os.path.abspath(smollm2_cache()):
+        return BUILTIN_SMOLLM2
+    return None
+
+
 def tiny_llama_config():
     """The built-in tiny model's architecture (a 2-layer Llama over the character tokenizer's vocabulary)."""
     from transformers import LlamaConfig

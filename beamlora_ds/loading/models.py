@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 
 from ..backends.deepspeed.config import zero_stage
-from .builtin import (BUILTIN_SMOLLM2, BUILTIN_TINY, char_tokenizer, smollm2_cache, smollm2_checkpoint, tiny_llama,
-                      tiny_llama_config)
+from .builtin import (BUILTIN, BUILTIN_NAMES, BUILTIN_SMOLLM2, BUILTIN_TINY, char_tokenizer, resolve_builtin,
+                      smollm2_cache, smollm2_checkpoint, tiny_llama, tiny_llama_config)
 from .four_bit_load import load_4bit_model
 from .hf_zero3 import enable_zero3_loading
 
@@ -32,6 +32,16 @@ def ready_path(name: str) -> Optional[str]:
     if name == BUILTIN_SMOLLM2 and not os.path.isfile(os.path.join(smollm2_cache(), "config.json")):
         return None
     return model_path(name, barrier=lambda: None)
+
+
+def load_builtin_model(name: str = BUILTIN, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of a built-in base, as launch/train.py trains it: the base to load an adapter trained on
+    one (`PeftModel.from_pretrained(model, adapter_dir)`); `builtin` is SmolLM2 when its package is installed."""
+    if name not in BUILTIN_NAMES:
+        raise ValueError(f"{name!r} is no built-in model; the built-in ones are {[n for n in BUILTIN_NAMES if n]} "
+                         "(load any other with transformers' from_pretrained).")
+    path = model_path(resolve_builtin(name))
+    return load_model(path, dtype, {}), load_tokenizer(path)
 
 
 def load_tokenizer(path: str):

@@ -26,7 +26,7 @@ def test_trains_resets_and_writes_everything(uninterrupted_run, stage):
     assert [r["when"] for r in log if r["type"] == "eval"] == ["before", "after"]
     assert os.path.isfile(os.path.join(out, "checkpoints", "latest"))
     assert os.path.isfile(os.path.join(out, "checkpoints", "global_step16", "beamlora_state_rank1.pt"))
-    assert sorted(os.listdir(os.path.join(out, "adapter")))[:2] == ["adapter_config.json", "adapter_model.safetensors"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(os.listdir(os.path.join(out, "adapter")))
     assert "reset at step 4:" in proc.stdout and "done: 16 steps, 3 resets" in proc.stdout
 
 

@@ -92,3 +92,25 @@ def test_the_engine_wrapper_is_looked_through(beam_model, tmp_path):
     save_adapter(DistributedDataParallel(beam_model), out)
     written = safetensors_torch.load_file(os.path.join(out, "adapter_model.safetensors"))
     assert all(k.startswith("base_model.model.model.layers.") for k in written)
+
+
+def test_an_adapter_on_a_built_in_base_says_how_to_load_that_base(tmp_path):
+    """builtin-tiny is no hub name: the adapter's README.md gives the code, and that code reproduces the logits."""
+    import beamlora_ds
+
+    torch.manual_seed(0)
+    model, _ = beamlora_ds.load_builtin_model("builtin-tiny")
+    beam = beamlora_ds.apply(model, beamlora_ds.BeamLoRAConfig(r=4, alpha=8, dropout=0.0, total_steps=10, interval=5))
+    with torch.no_grad():
+        for module in beam.modules:
+            module.lora_B.normal_(0, 0.1)
+    out = str(tmp_path / "adapter")
+    save_adapter(model, out)
+    with open(os.path.join(out, "README.md")) as f:
+        card = f.read()
+    assert "base_model: builtin-tiny" in card and 'beamlora_ds.load_builtin_model("builtin-tiny")' in card
+    code = card.split("```python\n")[1].split("```")[0].replace("path/to/this/folder", out)
+    scope = {}
+    exec(code, scope)  # the card's own lines, as a user pastes them
+    ids = torch.tensor([[5, 9, 14, 3, 22]])
+    assert torch.allclose(scope["model"].eval()(ids).logits, model.eval()(ids).logits, atol=1e-5)

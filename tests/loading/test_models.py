@@ -43,3 +43,15 @@ def test_meta_skeleton_of_a_missing_path_raises_oserror(tmp_path):
     """train.py turns this OSError into its "cannot read the model's config" refusal."""
     with pytest.raises(OSError):
         models.meta_skeleton(str(tmp_path / "no-such-model"))
+
+
+def test_load_builtin_model_gives_the_base_train_py_trains_and_refuses_other_names():
+    import beamlora_ds
+
+    model, tokenizer = beamlora_ds.load_builtin_model("builtin-tiny")
+    trained = models.load_model(builtin.BUILTIN_TINY, torch.float32, {})
+    assert {n: p for n, p in model.state_dict().items()}.keys() == trained.state_dict().keys()
+    assert all(torch.equal(p, trained.state_dict()[n]) for n, p in model.state_dict().items())
+    assert tokenizer.get_vocab() == builtin.char_tokenizer().get_vocab()
+    with pytest.raises(ValueError, match="'gpt2' is no built-in model; the built-in ones are"):
+        beamlora_ds.load_builtin_model("gpt2")
