@@ -1,6 +1,7 @@
-"""The two complete scripts docs/integration.md shows, run as a user would: examples/train_deepspeed.py in 2
-processes (ZeRO-2; resumed from its checkpoint between a snapshot and its reset, it ends with the adapter of the run
-that never stopped) and examples/train_trainer.py; both adapters load in stock peft."""
+"""The complete scripts docs/ shows, run as a user would: examples/train_deepspeed.py in 2 processes (ZeRO-2;
+resumed from its checkpoint between a snapshot and its reset, it ends with the adapter of the run that never
+stopped), examples/train_ddp.py in 2 processes (the same, bit for bit, and one writer) and
+examples/train_trainer.py; every adapter loads in stock peft."""
 import os
 import shutil
 import sys
@@ -27,17 +28,17 @@ def run_ds_example(out, *extra):
     return run_example("train_deepspeed.py", out, ["--steps", 16, "--interval", 4, "--save_every", 2, *extra])
 
 
-def as_stopped_after(full, part, step):
-    """`part` as the run in `full` stood after its checkpoint of `step`: later checkpoints and the adapter not
-    written yet, `latest` naming that checkpoint (what the example's --stop_at leaves)."""
+def as_stopped_after(full, part, step, prefix="global_step"):
+    """`part` as the run in `full` stood after its checkpoint of `step` (folders `<prefix><step>`): later checkpoints
+    and the adapter not written yet, `latest` naming that checkpoint (what the example's --stop_at leaves)."""
     shutil.copytree(full, part)
     checkpoints = os.path.join(part, "checkpoints")
     for name in os.listdir(checkpoints):
-        if name.startswith("global_step") and int(name[len("global_step"):]) > step:
+        if name.startswith(prefix) and int(name[len(prefix):]) > step:
             shutil.rmtree(os.path.join(checkpoints, name))
     shutil.rmtree(os.path.join(part, "adapter"))
     with open(os.path.join(checkpoints, "latest"), "w") as f:
-        f.write(f"global_step{step}")
+        f.write(f"{prefix}{step}")
 
 
 def adapter_tensors(folder):
@@ -75,6 +76,22 @@ def test_deepspeed_example_trains_resets_and_resumes_exactly(tmp_path):
     for key in expected:
         assert torch.allclose(got[key], expected[key], rtol=1e-5, atol=1e-7), key
     assert os.path.getsize(os.path.join(full, "log.jsonl")) > 0
+    loads_in_stock_peft(os.path.join(full, "adapter"))
+
+
+def test_ddp_example_resumes_exactly_with_one_writer(tmp_path):
+    """examples/train_ddp.py (docs/ddp.md) on 2 processes without DeepSpeed: every process calls save_adapter and
+    process 0 alone writes (each process once took itself for process 0 and two wrote into one folder); resumed
+    between a snapshot (10) and its reset (12), it ends with the adapter of the run that never stopped, bit for bit."""
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    args = ["--steps", 16, "--interval", 4, "--save_every", 2]
+    said = run_example("train_ddp.py", full, args)
+    assert said.count("reset moved") == 3 and said.count("done: 16 steps, 3 resets") == 1, said
+    assert sorted(os.listdir(tmp_path)) == ["full"]  # no second writer's temporary folder left beside it
+    as_stopped_after(full, part, 10, prefix="step-")
+    assert "done: 16 steps, 3 resets" in run_example("train_ddp.py", part, [*args, "--resume"])
+    expected, got = adapter_tensors(os.path.join(full, "adapter")), adapter_tensors(os.path.join(part, "adapter"))
+    assert expected.keys() == got.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
     loads_in_stock_peft(os.path.join(full, "adapter"))
 
 
