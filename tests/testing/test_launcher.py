@@ -130,3 +130,19 @@ def test_spawn_starts_the_processes_deepspeed_would_and_stops_them_when_one_fail
     failed = testing.run(testing.spawn_command(script, ["fail"], nproc=2, port=4322), timeout=60)
     assert failed.returncode == 247 and "exits with return code = -9" in failed.stderr  # as DeepSpeed: sys.exit(-9)
     assert time.time() - started < 30  # the other process, asleep for a minute, was stopped
+
+
+def test_spawn_gives_one_thread_per_process_when_it_starts_several_unless_told(monkeypatch):
+    """As torchrun: OMP_NUM_THREADS=1 for several processes on a node (a thread per core in each would oversubscribe
+    the cores), an explicit value kept, one process left alone."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("spawn_for_test", os.path.join(
+        os.path.dirname(testing.__file__), "spawn.py"))
+    spawn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(spawn)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert spawn.worker_env(spawn.parse_args(["--nproc", "2", "--master_port", "1", "x.py"]), 0)["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in spawn.worker_env(spawn.parse_args(["--master_port", "1", "x.py"]), 0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert spawn.worker_env(spawn.parse_args(["--nproc", "2", "--master_port", "1", "x.py"]), 1)["OMP_NUM_THREADS"] == "3"
