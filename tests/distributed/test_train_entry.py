@@ -28,6 +28,7 @@ def test_trains_resets_and_writes_everything(uninterrupted_run, stage):
     assert os.path.isfile(os.path.join(out, "checkpoints", "global_step16", "beamlora_state_rank1.pt"))
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(os.listdir(os.path.join(out, "adapter")))
     assert "reset at step 4:" in proc.stdout and "done: 16 steps, 3 resets" in proc.stdout
+    assert "| the built-in run's defaults" in proc.stderr  # the start-up line says which defaults apply
 
 
 # run "$@", then print the /dev/shm buffers of its --master_port and exit with its status
