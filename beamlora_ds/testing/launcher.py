@@ -251,12 +251,15 @@ def node_commands(script: str, port: int, args_per_node: Sequence[Sequence], hos
 
 
 def run_together(cmds, envs, timeout, cwd=None):
-    """Start every command at once, each in its own process group; wait for all (killing every group still running
-    at `timeout`, then raising TimeoutExpired). Returns one CompletedProcess per command (stdout and stderr merged)
+    """Start every command at once, each in its own process group (one thread each unless OMP_NUM_THREADS is set:
+    they share this machine's cores); wait for all (killing every group still running at `timeout`, then raising
+    TimeoutExpired). Returns one CompletedProcess per command (stdout and stderr merged)
     plus `.seconds`, its wall time from the common start."""
     procs, outputs, ends = [], [], []
     start = time.time()
     for cmd, env in zip(cmds, envs):
+        if len(cmds) > 1:  # nodes sharing this machine's cores: a thread each, as torchrun gives several processes
+            env = {"OMP_NUM_THREADS": "1", **(os.environ if env is None else env)}
         procs.append(subprocess.Popen([str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env, start_new_session=True))
         outputs.append([])
