@@ -7,6 +7,7 @@ distributed job) writes the very same files; --merge gives a plain model with th
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -31,11 +32,18 @@ BEAMLORA = beamlora_ds.BeamLoRAConfig(r=R, alpha=8.0, total_steps=8, interval=4)
 FIXED_IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))  # the worker's fixed input
 
 
+def empty(folder):
+    """What a first try wrote, removed (the folder stays: it is the launch's working directory)."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("export"))
     cmd = testing.spawn_command(WORKER, ["--out_dir", out, "--stages", ",".join(map(str, STAGES))], nproc=2)
-    proc = testing.run(cmd, timeout=TIMEOUT_S, cwd=out)
+    proc = testing.run(cmd, timeout=TIMEOUT_S, cwd=out, before_retry=lambda: empty(out))  # a retry starts fresh
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = torch.load(os.path.join(out, "result.pt"), weights_only=False)
     assert result["world"] == 2
