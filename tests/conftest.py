@@ -20,6 +20,29 @@ def _remove_deepspeed_shm_buffers():
     remove_shm_buffers(since=start)
 
 
+@pytest.fixture
+def entry_logging_undone(monkeypatch):
+    """For launch/train.py run in this process: the logging set-up its configure_logging() makes (a root handler and
+    level, quieter library loggers) undone afterwards, and a library logger that holds an earlier test's closed
+    capture stream kept from printing a "--- Logging error ---" Traceback (in a fresh process that stream is the
+    real stderr)."""
+    import logging
+
+    from beamlora_ds.train.run_log import NOISY_LOGGERS
+
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    root = logging.getLogger()
+    root_level, root_handlers = root.level, set(root.handlers)
+    levels = {name: logging.getLogger(name).level for name in NOISY_LOGGERS}
+    yield
+    for handler in set(root.handlers) - root_handlers:
+        if type(handler) is logging.StreamHandler:  # basicConfig's, when the root logger had no handler
+            root.removeHandler(handler)
+    root.setLevel(root_level)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def ids():
     """Fixed token ids for comparing logits (the export, adapter-format and merge tests)."""

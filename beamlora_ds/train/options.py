@@ -134,7 +134,6 @@ def fill_defaults(args):
     demo (built-in model and data) has a default output folder."""
     args.builtin_model = args.model_name_or_path in BUILTIN_NAMES
     args.builtin = args.builtin_model and args.dataset is None
-    args.defaults = "built-in" if args.builtin_model else "paper"
     args.explicit = sorted(k for k, v in vars(args).items() if v is not None)
     for key, value in (BUILTIN_DEFAULTS if args.builtin_model else PAPER_DEFAULTS).items():
         if getattr(args, key) is None and not (key == "output_dir" and not args.builtin):

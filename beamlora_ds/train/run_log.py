@@ -61,9 +61,13 @@ class RunLog:
                       else "the next BeamLoRA reset will be skipped"))
 
 
+# loggers launch/train.py quiets to warnings (tests that run the entry in-process restore them)
+NOISY_LOGGERS = ("DeepSpeed", "deepspeed", "torch.distributed", "beamlora_ds.method.controller")
+
+
 def configure_logging() -> None:
     """launch/train.py's logging: INFO on process 0, warnings elsewhere; resets get their own progress line."""
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "beamlora_ds.method.controller"):
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)  # resets get their own line in the progress output

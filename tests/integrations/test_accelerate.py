@@ -31,17 +31,14 @@ def runs(tmp_path_factory):
         if zero not in done:
             base = tmp_path_factory.mktemp(f"accelerate_zero{zero}")
             full, part = str(base / "full"), str(base / "part")
-            # one thread per process, as torchrun sets it (accelerate gives each process all cores otherwise, and 2
-            # processes x 2 threads on 2 cores spin against each other in every collective)
-            with pytest.MonkeyPatch.context() as env:
-                env.setenv("OMP_NUM_THREADS", "1")
-                said = run_example("train_accelerate.py", full, [*ARGS, "--zero", zero, "--save_every", 6])
-                # one writer: no second process's temporary adapter folder (.adapter.partial-*) left beside it
-                assert sorted(os.listdir(full)) == ["adapter", "checkpoints", "log.jsonl"], os.listdir(full)
-                as_stopped_after(full, part, 6)
-                # no checkpoint of its own: a retry after a native abort at exit resumes from step 6 again
-                resumed = run_example("train_accelerate.py", part, [*ARGS, "--zero", zero, "--save_every", 100,
-                                                                    "--resume"])
+            # (spawn.py gives each process one thread, as torchrun does)
+            said = run_example("train_accelerate.py", full, [*ARGS, "--zero", zero, "--save_every", 6])
+            # one writer: no second process's temporary adapter folder (.adapter.partial-*) left beside it
+            assert sorted(os.listdir(full)) == ["adapter", "checkpoints", "log.jsonl"], os.listdir(full)
+            as_stopped_after(full, part, 6)
+            # no checkpoint of its own: a retry after a native abort at exit resumes from step 6 again
+            resumed = run_example("train_accelerate.py", part, [*ARGS, "--zero", zero, "--save_every", 100,
+                                                                "--resume"])
             assert "step 4: reset" not in resumed and "step 8: reset moved 2" in resumed, resumed  # from 6 on
             done[zero] = (full, part, said)
         return done[zero]
@@ -70,16 +67,14 @@ def beamlora_and_peft_logits(adapter):
 
     import beamlora_ds
     from beamlora_ds.export.adapter_format import load_state
+    from beamlora_ds.integrations.hf_trainer import load_adapter_into
 
     state = load_state(adapter)
     model = tiny_base()
     beamlora_ds.apply(model, beamlora_ds.BeamLoRAConfig(r=state.r, alpha=state.alpha, tau=state.tau,
                                                         total_steps=4, interval=2))
-    modules = beamlora_ds.find_beamlora_modules(model)
     with torch.no_grad():
-        for name in state.module_names:
-            for key in ("lora_A", "lora_B", "lora_score"):
-                getattr(modules[name], key).copy_(getattr(state, key)[name])
+        load_adapter_into(model, adapter)
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         return (model.eval()(input_ids=ids).logits, peft.PeftModel.from_pretrained(tiny_base(), adapter).eval()(
@@ -120,7 +115,7 @@ def test_accelerate_checkpointing_of_the_controller_is_refused(tmp_path):
     from beamlora_ds import testing
 
     cmd = testing.spawn_command(os.path.abspath(__file__), [str(tmp_path / "state")], 2)
-    proc = testing.run(cmd, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = testing.run(cmd, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     said = proc.stdout.split(testing.RETRIED)[-1]
     assert "process 0 loaded its state" in said, said

@@ -15,7 +15,7 @@ def filled(*argv):
 def test_a_built_in_model_takes_the_built_in_runs_defaults(model):
     args = filled(*model)
     assert (args.lora_r, args.interval, args.max_steps, args.lora_dropout) == (8, 10, 30, 0.0)
-    assert args.output_dir == "outputs/builtin" and args.defaults == "built-in"
+    assert args.output_dir == "outputs/builtin" and args.builtin_model
 
 
 def test_a_built_in_model_on_your_data_keeps_its_defaults_but_needs_an_output_folder():
@@ -29,4 +29,4 @@ def test_a_built_in_model_on_your_data_keeps_its_defaults_but_needs_an_output_fo
 def test_any_other_model_takes_the_papers_defaults_and_explicit_flags_win():
     args = filled("--model_name_or_path", "meta-llama/Llama-2-7b-hf", "--output_dir", "o", "--interval", "7")
     assert (args.lora_r, args.lora_alpha, args.max_steps, args.interval) == (64, 128.0, -1, 7)
-    assert args.defaults == "paper" and PAPER_DEFAULTS["interval"] == 3000
+    assert not args.builtin_model and PAPER_DEFAULTS["interval"] == 3000

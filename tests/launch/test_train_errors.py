@@ -6,7 +6,6 @@ also run end to end as `python launch/train.py`, for the real exit code and the 
 """
 import importlib.util
 import json
-import logging
 import os
 import sys
 
@@ -173,7 +172,7 @@ def train():
 
 
 @pytest.fixture
-def in_process(train, monkeypatch):
+def in_process(train, monkeypatch, entry_logging_undone):
     """train.main in this process: no process group may start (a tripwire), the launcher's variables come from
     the case only, and the logging setup main() makes is undone afterwards."""
     def tripwire(*args, **kwargs):
@@ -181,22 +180,9 @@ def in_process(train, monkeypatch):
 
     assert not torch.distributed.is_initialized()
     monkeypatch.setattr(train.processes, "init_distributed", tripwire)
-    # a library logger (datasets) may hold an earlier test's closed capture stream: a message it logs must not
-    # become a "--- Logging error ---" Traceback here (in a fresh process that stream is the real stderr)
-    monkeypatch.setattr(logging, "raiseExceptions", False)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
-    root = logging.getLogger()
-    root_level, root_handlers = root.level, set(root.handlers)
-    levels = {name: logging.getLogger(name).level for name in
-              ("DeepSpeed", "deepspeed", "torch.distributed", "beamlora_ds.method.controller")}
     yield train
-    for handler in set(root.handlers) - root_handlers:
-        if type(handler) is logging.StreamHandler:  # basicConfig's, when the root logger had no handler
-            root.removeHandler(handler)
-    root.setLevel(root_level)
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
     assert not torch.distributed.is_initialized()
 
 
