@@ -87,7 +87,8 @@ def test_ddp_example_resumes_exactly_with_one_writer(tmp_path):
     args = ["--steps", 16, "--interval", 4, "--save_every", 2]
     said = run_example("train_ddp.py", full, args)
     assert said.count("reset moved") == 3 and said.count("done: 16 steps, 3 resets") == 1, said
-    assert sorted(os.listdir(tmp_path)) == ["full"]  # no second writer's temporary folder left beside it
+    # one writer: no second process's temporary adapter folder (.adapter.partial-*) left beside the adapter
+    assert sorted(os.listdir(full)) == ["adapter", "checkpoints", "log.jsonl"], os.listdir(full)
     as_stopped_after(full, part, 10, prefix="step-")
     assert "done: 16 steps, 3 resets" in run_example("train_ddp.py", part, [*args, "--resume"])
     expected, got = adapter_tensors(os.path.join(full, "adapter")), adapter_tensors(os.path.join(part, "adapter"))
