@@ -2,6 +2,7 @@
 DeepSpeed engine: BeamLoRA names the fix before DeepSpeed's IndexError, or at the next save; every process says
 the same (a check that raised on one process only would leave the other waiting)."""
 import json
+import shutil
 import os
 
 import pytest
@@ -14,7 +15,8 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "misuse_worker
 @pytest.fixture(scope="module")
 def said(tmp_path_factory):
     out = tmp_path_factory.mktemp("misuse")
-    proc = testing.run(testing.spawn_command(WORKER, [out], 2), timeout=400)
+    proc = testing.run(testing.spawn_command(WORKER, [out], 2), timeout=400,  # a retry starts fresh
+                       before_retry=lambda: (shutil.rmtree(out), out.mkdir()))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     per_rank = []
     for rank in (0, 1):
